@@ -1,0 +1,78 @@
+//! # ctxpool: a connection pool whose connections run as the end user
+//!
+//! Services connect to their database with one shared, least-privileged account. With
+//! ctxpool they acquire each connection *as an end user*:
+//!
+//! ```ignore
+//! let conn = pool.acquire_as(security_context).await?;   // or an EndUserIdentity
+//! ```
+//!
+//! and the connection runs under that user's **security context** (identity,
+//! database-access token, data roles and attributes), so the database, not the application,
+//! decides what the user may see. The model is Oracle Deep Data Security's end-user security
+//! context as python-oracledb exposes it; the reference database is PostgreSQL, where the
+//! context becomes a role and settings read by Row-Level Security policies.
+//!
+//! ## The promises
+//! - **Piggybacked.** Setting a context costs no round trip: the backend sends it with the
+//!   next statement ([`backend`] explains the contract).
+//! - **Always cleared.** Releasing a handle clears its context on every exit path (drop,
+//!   cancellation, panic, error, lost connection). A connection returns to the pool only if
+//!   the backend proves it idle; otherwise it is discarded and the reason is counted.
+//! - **No identity, no error.** [`Pool::get`] gives a plain least-privileged connection.
+//! - **Fails closed.** An identity whose context cannot be completed or applied is an error,
+//!   never a connection under another or a broader context.
+//! - **Explicit wins.** A [`SecurityContext`] passed to [`Pool::acquire_as`] is used as is;
+//!   an [`EndUserIdentity`] is completed by the pool's [`ContextProvider`].
+//!
+//! ## Layout
+//! - [`context`]: [`EndUserIdentity`], [`SecurityContext`] and their validation.
+//! - [`pool`]: [`Pool`], its handle [`Object`], configuration, errors and metrics.
+//! - [`backend`]: the [`Backend`] trait a database implements.
+//! - [`provider`]: the [`ContextProvider`] SPI that turns identities into contexts.
+//! - [`testing`] (feature `testing`): an in-process backend that models server session
+//!   state, with fault injection, for property tests and benches.
+//!
+//! Dependencies point one way: backends and providers depend on the core, never the reverse.
+//!
+//! ## Quick start (in-process backend)
+//! ```
+//! # #[cfg(feature = "testing")]
+//! # tokio_test_block_on(async {
+//! use ctxpool::{EndUserIdentity, Pool, SecurityContext};
+//! use ctxpool::testing::{MemBackend, MemServer, Statement};
+//!
+//! let server = MemServer::new();
+//! let pool = Pool::builder(MemBackend::new(server.clone())).max_size(4).build()?;
+//!
+//! let alice = SecurityContext::builder(EndUserIdentity::named("alice", None), "db-token")
+//!     .data_roles(["hr_role"])
+//!     .build()?;
+//! let mut conn = pool.acquire_as(&alice).await?;
+//! let seen = conn.execute(Statement::Query).await?;
+//! assert_eq!(seen.end_user.as_deref(), Some("alice"));
+//! drop(conn); // the context is cleared; the next statement on this connection resets it
+//!
+//! let mut plain = pool.get().await?;
+//! assert_eq!(plain.execute(Statement::Query).await?.end_user, None);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! # }).unwrap();
+//! # #[cfg(feature = "testing")]
+//! # fn tokio_test_block_on<F: std::future::Future>(f: F) -> F::Output {
+//! #     tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(f)
+//! # }
+//! ```
+#![warn(missing_docs)]
+#![deny(clippy::unwrap_used)]
+
+pub mod backend;
+pub mod context;
+pub mod pool;
+pub mod provider;
+#[cfg(feature = "testing")]
+pub mod testing;
+
+pub use backend::{Backend, Connection, DiscardReason};
+pub use context::{ContextError, EndUserIdentity, SecurityContext};
+pub use pool::{AcquireAs, Object, Pool, PoolBuilder, PoolConfig, PoolError, Status, Timeouts};
+pub use provider::{ContextProvider, ContextRequest, ProviderError};

@@ -1,0 +1,128 @@
+//! The pooled handle: a connection checked out under at most one end user's context.
+
+use std::fmt;
+use std::mem::ManuallyDrop;
+use std::ops::{Deref, DerefMut};
+
+use deadpool::managed;
+
+use crate::backend::{Backend, Connection, DiscardReason};
+use crate::context::SecurityContext;
+
+use super::manager::Manager;
+use super::metrics;
+
+/// A connection checked out of a [`Pool`](super::Pool).
+///
+/// It dereferences to the backend's connection type, whose statements run under the
+/// handle's security context. Setting or clearing the context costs no round trip: the
+/// backend carries it on the next statement.
+///
+/// Dropping the handle always clears its context, whatever the exit path: a normal drop,
+/// a cancelled future, a panic. The connection goes back to the pool only if the backend
+/// proves it idle; otherwise it is discarded and the reason is counted
+/// ([`DiscardReason`]). Either way its slot is freed at once.
+#[must_use = "dropping the handle returns the connection to the pool at once"]
+pub struct Object<B: Backend> {
+    // ManuallyDrop so that `Drop` and `take` can move the deadpool object out exactly
+    // once, without an `Option` to check on every dereference.
+    inner: ManuallyDrop<managed::Object<Manager<B>>>,
+}
+
+impl<B: Backend> Object<B> {
+    pub(crate) fn new(inner: managed::Object<Manager<B>>) -> Self {
+        Self {
+            inner: ManuallyDrop::new(inner),
+        }
+    }
+
+    /// Sets the end-user security context the following statements run under, replacing
+    /// any previous one. No I/O: the context is piggybacked on the next statement.
+    pub fn set_end_user_security_context(&mut self, context: &SecurityContext) {
+        self.attach(context.clone());
+    }
+
+    pub(crate) fn attach(&mut self, context: SecurityContext) {
+        ::metrics::counter!(metrics::CONTEXTS_APPLIED).increment(1);
+        self.inner.attach_context(Some(context));
+    }
+
+    /// Clears the end-user security context: the following statements run as the pool's
+    /// least-privileged login. No I/O. Release does this too, on every exit path.
+    pub fn clear_end_user_security_context(&mut self) {
+        self.inner.attach_context(None);
+    }
+
+    /// The context the next statement runs under, if any.
+    pub fn end_user_security_context(&self) -> Option<&SecurityContext> {
+        self.inner.context()
+    }
+
+    /// The pool-wide unique id of this connection.
+    pub fn id(this: &Self) -> managed::ObjectId {
+        managed::Object::id(&this.inner)
+    }
+
+    /// When this connection was created and last recycled, and how often.
+    pub fn metrics(this: &Self) -> &managed::Metrics {
+        managed::Object::metrics(&this.inner)
+    }
+
+    /// Takes the connection out of the pool for good, with its context cleared. The pool's
+    /// size shrinks by one, so a new connection may be opened in its place.
+    pub fn take(this: Self) -> B::Connection {
+        let mut this = ManuallyDrop::new(this);
+        // SAFETY: `this` is never dropped (ManuallyDrop), so `inner` is moved out once.
+        let inner = unsafe { ManuallyDrop::take(&mut this.inner) };
+        let mut conn = managed::Object::take(inner);
+        conn.attach_context(None);
+        conn
+    }
+}
+
+impl<B: Backend> Drop for Object<B> {
+    fn drop(&mut self) {
+        // SAFETY: `drop` runs once and `inner` is not touched again.
+        let mut inner = unsafe { ManuallyDrop::take(&mut self.inner) };
+        // Clear first: nothing the checks below decide may depend on the old context.
+        inner.attach_context(None);
+        let verdict = if std::thread::panicking() {
+            Err(DiscardReason::Panicked)
+        } else {
+            inner.check_release()
+        };
+        match verdict {
+            // deadpool's own drop puts it back in the idle queue.
+            Ok(()) => drop(inner),
+            Err(reason) => {
+                metrics::discarded(reason);
+                // Detaches it from the pool (size - 1) and closes it.
+                drop(managed::Object::take(inner));
+            }
+        }
+    }
+}
+
+impl<B: Backend> Deref for Object<B> {
+    type Target = B::Connection;
+    fn deref(&self) -> &B::Connection {
+        &self.inner
+    }
+}
+
+impl<B: Backend> DerefMut for Object<B> {
+    fn deref_mut(&mut self) -> &mut B::Connection {
+        &mut self.inner
+    }
+}
+
+impl<B: Backend> fmt::Debug for Object<B>
+where
+    B::Connection: fmt::Debug,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Object")
+            .field("connection", &**self.inner)
+            .finish()
+    }
+}

@@ -1,0 +1,125 @@
+//! The token-provider interface (SPI): turning an end-user identity into a full context.
+//!
+//! A pool built with a [`ContextProvider`] completes
+//! [`acquire_as(identity)`](crate::Pool::acquire_as): the provider fetches the
+//! database-access token (client credentials or on-behalf-of) and adds its configured data
+//! roles and attributes, which a [`ContextRequest`] may override per request. The trait is
+//! object-safe so that any identity provider can be plugged in.
+
+use std::fmt;
+
+use async_trait::async_trait;
+use serde_json::Value;
+
+use crate::context::{ContextError, EndUserIdentity, SecurityContext};
+
+/// What a provider is asked to complete: an identity, with optional per-request data roles
+/// and attributes that take precedence over the provider's configuration.
+#[derive(Clone, Debug)]
+pub struct ContextRequest {
+    /// The end user.
+    pub identity: EndUserIdentity,
+    /// Data roles for this request, replacing the configured ones.
+    pub data_roles: Option<Vec<String>>,
+    /// Attributes for this request, replacing the configured ones.
+    pub attributes: Option<Value>,
+}
+
+impl ContextRequest {
+    /// A request for `identity` with the provider's configured roles and attributes.
+    pub fn new(identity: EndUserIdentity) -> Self {
+        Self {
+            identity,
+            data_roles: None,
+            attributes: None,
+        }
+    }
+}
+
+impl From<EndUserIdentity> for ContextRequest {
+    fn from(identity: EndUserIdentity) -> Self {
+        Self::new(identity)
+    }
+}
+
+/// Completes end-user identities into security contexts.
+#[async_trait]
+pub trait ContextProvider: Send + Sync + 'static {
+    /// Builds the security context for `request`: fetch (or take from cache) a
+    /// database-access token, add data roles and attributes. Must fail, never degrade to a
+    /// broader or an empty context.
+    async fn security_context(
+        &self,
+        request: &ContextRequest,
+    ) -> Result<SecurityContext, ProviderError>;
+}
+
+/// Why a provider could not complete a context. Never carries a token, an assertion, a
+/// secret or an identity provider's response body.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProviderError {
+    /// The identity provider answered with an OAuth error.
+    #[error("the identity provider refused the token request (HTTP {status}, error `{code}`)")]
+    Refused {
+        /// The HTTP status.
+        status: u16,
+        /// The OAuth `error` code, e.g. `invalid_client`.
+        code: String,
+    },
+    /// The identity provider could not be reached or answered unusably.
+    #[error("the identity provider is unavailable: {0}")]
+    Unavailable(String),
+    /// The end user's token was refused by validation.
+    #[error("the end-user token is not valid: {0}")]
+    InvalidToken(String),
+    /// The completed context did not validate.
+    #[error("the completed security context is not valid: {0}")]
+    Context(#[from] ContextError),
+    /// Any other failure of a custom provider.
+    #[error("the context provider failed: {0}")]
+    Other(Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// A provider that completes every request with a fixed database-access token. Meant for
+/// tests and examples; real deployments fetch tokens from an identity provider.
+#[derive(Clone)]
+pub struct StaticTokenProvider {
+    token: secrecy::SecretString,
+}
+
+impl StaticTokenProvider {
+    /// Completes every identity with `database_access_token`.
+    pub fn new(database_access_token: impl Into<String>) -> Self {
+        Self {
+            token: secrecy::SecretString::from(database_access_token.into()),
+        }
+    }
+}
+
+impl fmt::Debug for StaticTokenProvider {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("StaticTokenProvider(<redacted>)")
+    }
+}
+
+#[async_trait]
+impl ContextProvider for StaticTokenProvider {
+    async fn security_context(
+        &self,
+        request: &ContextRequest,
+    ) -> Result<SecurityContext, ProviderError> {
+        use secrecy::ExposeSecret;
+        let mut builder = SecurityContext::builder(
+            request.identity.clone(),
+            self.token.expose_secret().to_owned(),
+        );
+        if let Some(roles) = &request.data_roles {
+            builder = builder.data_roles(roles.iter().cloned());
+        }
+        if let Some(attributes) = &request.attributes {
+            builder = builder.attributes(attributes.clone());
+        }
+        Ok(builder.build()?)
+    }
+}
