@@ -17,6 +17,24 @@ pub const DISCARDED: &str = "ctxpool_discarded_total";
 /// Timeouts; label `kind` ([`TimeoutType::as_str`]).
 pub const TIMEOUTS: &str = "ctxpool_timeouts_total";
 
+/// Handles of the hot-path counters, registered once per pool: with a real recorder,
+/// `counter!` is a registry lookup on every call.
+pub(crate) struct Counters {
+    pub(crate) acquired: metrics::Counter,
+    pub(crate) acquired_as: metrics::Counter,
+    pub(crate) contexts_applied: metrics::Counter,
+}
+
+impl Counters {
+    pub(crate) fn register() -> Self {
+        Self {
+            acquired: metrics::counter!(ACQUIRED),
+            acquired_as: metrics::counter!(ACQUIRED_AS),
+            contexts_applied: metrics::counter!(CONTEXTS_APPLIED),
+        }
+    }
+}
+
 pub(crate) fn discarded(reason: DiscardReason) {
     tracing::debug!(reason = reason.as_str(), "ctxpool: connection discarded");
     metrics::counter!(DISCARDED, "reason" => reason.as_str()).increment(1);

@@ -74,6 +74,7 @@ pub struct Pool<B: Backend> {
 struct Shared {
     config: PoolConfig,
     provider: Option<Arc<dyn ContextProvider>>,
+    counters: metrics::Counters,
 }
 
 impl<B: Backend> Clone for Pool<B> {
@@ -120,7 +121,7 @@ impl<B: Backend> Pool<B> {
             .checkout()
             .instrument(tracing::debug_span!("ctxpool.acquire"))
             .await?;
-        ::metrics::counter!(metrics::ACQUIRED).increment(1);
+        self.shared.counters.acquired.increment(1);
         Ok(obj)
     }
 
@@ -145,7 +146,8 @@ impl<B: Backend> Pool<B> {
             .instrument(tracing::debug_span!("ctxpool.acquire_as"))
             .await?;
         obj.attach(context);
-        ::metrics::counter!(metrics::ACQUIRED_AS).increment(1);
+        self.shared.counters.acquired_as.increment(1);
+        self.shared.counters.contexts_applied.increment(1);
         Ok(obj)
     }
 
@@ -342,6 +344,7 @@ impl<B: Backend> PoolBuilder<B> {
             shared: Arc::new(Shared {
                 config: self.config,
                 provider: self.provider,
+                counters: metrics::Counters::register(),
             }),
         })
     }

@@ -39,11 +39,12 @@ impl<B: Backend> Object<B> {
     /// Sets the end-user security context the following statements run under, replacing
     /// any previous one. No I/O: the context is piggybacked on the next statement.
     pub fn set_end_user_security_context(&mut self, context: &SecurityContext) {
+        ::metrics::counter!(metrics::CONTEXTS_APPLIED).increment(1);
         self.attach(context.clone());
     }
 
+    /// Attaches without counting: the pool counts through its cached handles.
     pub(crate) fn attach(&mut self, context: SecurityContext) {
-        ::metrics::counter!(metrics::CONTEXTS_APPLIED).increment(1);
         self.inner.attach_context(Some(context));
     }
 
