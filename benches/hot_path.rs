@@ -21,8 +21,13 @@ struct NoIoConn {
 }
 
 impl Connection for NoIoConn {
-    fn attach_context(&mut self, context: Option<SecurityContext>) {
-        self.context = context;
+    type AttachError = std::convert::Infallible;
+    fn attach_context(&mut self, context: SecurityContext) -> Result<(), Self::AttachError> {
+        self.context = Some(context);
+        Ok(())
+    }
+    fn clear_context(&mut self) {
+        self.context = None;
     }
     fn context(&self) -> Option<&SecurityContext> {
         self.context.as_ref()

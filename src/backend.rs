@@ -9,12 +9,13 @@
 //! The pool hands out a connection and takes it back; a backend makes these promises, and
 //! the pool's property tests check them against the in-process backend:
 //!
-//! 1. **Attaching is free.** [`Connection::attach_context`] does no I/O. From the moment it
-//!    returns, every statement the connection runs executes under exactly the attached
-//!    context (`None`: the login role with no context settings), or fails without running.
+//! 1. **Attaching is free.** [`Connection::attach_context`] and
+//!    [`Connection::clear_context`] do no I/O. From the moment they return, every statement
+//!    the connection runs executes under exactly the attached context (after a clear: the
+//!    login role with no context settings), or fails without running.
 //!    That is the *piggyback*: the context travels with the next operation.
 //! 2. **Release is checked synchronously.** When a handle is released (dropped, cancelled,
-//!    unwound by a panic) the pool first attaches `None`, then calls
+//!    unwound by a panic) the pool first clears the context, then calls
 //!    [`Connection::check_release`]. Anything the backend cannot prove idle (an operation
 //!    still in flight because its future was dropped, a transaction left open or aborted,
 //!    a lost connection) is an `Err`, and the pool discards the connection.
@@ -53,14 +54,23 @@ pub trait Backend: Send + Sync + 'static {
 
 /// The pool's view of one connection.
 pub trait Connection: Send + 'static {
-    /// Sets (`Some`) or clears (`None`) the context every following statement runs under.
-    /// Must not do I/O: the backend sends the change with the next statement.
-    fn attach_context(&mut self, context: Option<SecurityContext>);
+    /// Why [`attach_context`](Self::attach_context) refused a context (e.g. a role outside
+    /// the allow-list).
+    type AttachError: std::error::Error + Send + Sync + 'static;
+
+    /// Sets the context every following statement runs under, replacing any previous one.
+    /// Must not do I/O: the backend sends the change with the next statement. A context the
+    /// backend cannot map is refused here, before any SQL; the connection is then left
+    /// with no context.
+    fn attach_context(&mut self, context: SecurityContext) -> Result<(), Self::AttachError>;
+
+    /// Clears the context: following statements run as the plain login. No I/O; never fails.
+    fn clear_context(&mut self);
 
     /// The context the next statement runs under.
     fn context(&self) -> Option<&SecurityContext>;
 
-    /// Called at release, after `attach_context(None)`: `Ok` only if the connection is
+    /// Called at release, after `clear_context`: `Ok` only if the connection is
     /// provably idle (nothing in flight, no transaction open or aborted, still open).
     fn check_release(&mut self) -> Result<(), DiscardReason>;
 }

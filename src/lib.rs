@@ -68,6 +68,8 @@
 pub mod backend;
 pub mod context;
 pub mod pool;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 pub mod provider;
 #[cfg(feature = "testing")]
 pub mod testing;

@@ -224,7 +224,7 @@ async fn run_task(world: Arc<World>, index: usize, task: Task) {
     for (step, op) in task.ops.into_iter().enumerate() {
         let statement = match op {
             Op::Set(i) => {
-                conn.set_end_user_security_context(&world.contexts[i]);
+                conn.set_end_user_security_context(&world.contexts[i]).unwrap();
                 expected = Some(i);
                 continue;
             }

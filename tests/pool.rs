@@ -146,9 +146,9 @@ fn get_is_plain_and_acquire_as_carries_the_context() {
         // Set and clear cost no round trip; the change rides on the next statement.
         let flights = server.stats().flights;
         let bob = ctx("bob", &[]);
-        conn.set_end_user_security_context(&bob);
+        conn.set_end_user_security_context(&bob).unwrap();
         conn.clear_end_user_security_context();
-        conn.set_end_user_security_context(&bob);
+        conn.set_end_user_security_context(&bob).unwrap();
         assert_eq!(server.stats().flights, flights);
         assert_eq!(conn.query().await.unwrap().end_user.as_deref(), Some("bob"));
         assert_eq!(server.stats().flights, flights + 1);

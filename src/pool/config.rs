@@ -44,6 +44,24 @@ pub struct PoolConfig {
     pub queue_mode: QueueMode,
 }
 
+impl From<deadpool::managed::PoolConfig> for PoolConfig {
+    /// deadpool's configuration, with its unset (infinite) timeouts replaced by ctxpool's
+    /// finite defaults.
+    fn from(c: deadpool::managed::PoolConfig) -> Self {
+        let d = Timeouts::default();
+        Self {
+            max_size: c.max_size,
+            timeouts: Timeouts {
+                wait: c.timeouts.wait.unwrap_or(d.wait),
+                create: c.timeouts.create.unwrap_or(d.create),
+                recycle: c.timeouts.recycle.unwrap_or(d.recycle),
+                apply: d.apply,
+            },
+            queue_mode: c.queue_mode,
+        }
+    }
+}
+
 impl Default for PoolConfig {
     fn default() -> Self {
         Self {

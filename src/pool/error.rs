@@ -60,6 +60,10 @@ pub enum PoolError<E: std::error::Error + 'static> {
          pass a SecurityContext or build the pool with a provider"
     )]
     NoProvider,
+    /// The backend refused to map the context onto a session (e.g. a role outside its
+    /// allow-list). No SQL was sent, and the connection went back to the pool.
+    #[error("the backend refused the security context: {0}")]
+    ContextRejected(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// The provider could not complete the identity into a security context.
     #[error("the security context could not be completed: {0}")]
     Provider(#[source] ProviderError),

@@ -22,7 +22,7 @@ pub use config::{PoolConfig, QueueMode, Timeouts};
 pub use deadpool::Status;
 pub use deadpool::managed::{Metrics, RetainResult};
 pub use error::{BuildError, PoolError, TimeoutType};
-pub use object::Object;
+pub use object::{AttachError, Object};
 
 use crate::backend::Backend;
 use crate::context::{EndUserIdentity, SecurityContext};
@@ -145,7 +145,8 @@ impl<B: Backend> Pool<B> {
             .checkout()
             .instrument(tracing::debug_span!("ctxpool.acquire_as"))
             .await?;
-        obj.attach(context);
+        obj.attach(context)
+            .map_err(|e| PoolError::ContextRejected(Box::new(e)))?;
         self.shared.counters.acquired_as.increment(1);
         self.shared.counters.contexts_applied.increment(1);
         Ok(obj)
@@ -276,9 +277,39 @@ pub struct PoolBuilder<B: Backend> {
 }
 
 impl<B: Backend> PoolBuilder<B> {
-    /// Replaces the whole configuration.
-    pub fn config(mut self, config: PoolConfig) -> Self {
-        self.config = config;
+    /// Replaces the whole configuration. Takes deadpool's `PoolConfig` too, whose unset
+    /// timeouts become ctxpool's finite defaults.
+    pub fn config(mut self, config: impl Into<PoolConfig>) -> Self {
+        self.config = config.into();
+        self
+    }
+
+    /// Accepted for deadpool compatibility: ctxpool always runs on tokio.
+    pub fn runtime(self, _runtime: Runtime) -> Self {
+        self
+    }
+
+    /// Sets the wait timeout; `None` keeps the finite default.
+    pub fn wait_timeout(mut self, timeout: Option<Duration>) -> Self {
+        if let Some(t) = timeout {
+            self.config.timeouts.wait = t;
+        }
+        self
+    }
+
+    /// Sets the create timeout; `None` keeps the finite default.
+    pub fn create_timeout(mut self, timeout: Option<Duration>) -> Self {
+        if let Some(t) = timeout {
+            self.config.timeouts.create = t;
+        }
+        self
+    }
+
+    /// Sets the recycle timeout; `None` keeps the finite default.
+    pub fn recycle_timeout(mut self, timeout: Option<Duration>) -> Self {
+        if let Some(t) = timeout {
+            self.config.timeouts.recycle = t;
+        }
         self
     }
 

@@ -10,6 +10,9 @@ use crate::backend::{Backend, Connection, DiscardReason};
 use crate::context::SecurityContext;
 
 use super::manager::Manager;
+
+/// The error a backend's connection refuses a context with.
+pub type AttachError<B> = <<B as Backend>::Connection as Connection>::AttachError;
 use super::metrics;
 
 /// A connection checked out of a [`Pool`](super::Pool).
@@ -38,20 +41,31 @@ impl<B: Backend> Object<B> {
 
     /// Sets the end-user security context the following statements run under, replacing
     /// any previous one. No I/O: the context is piggybacked on the next statement.
-    pub fn set_end_user_security_context(&mut self, context: &SecurityContext) {
+    ///
+    /// A context the backend cannot map (a role outside its allow-list, say) is refused
+    /// here, before any SQL is sent, and the handle is left with no context: fail closed.
+    pub fn set_end_user_security_context(
+        &mut self,
+        context: &SecurityContext,
+    ) -> Result<(), AttachError<B>> {
+        self.attach(context.clone())?;
         ::metrics::counter!(metrics::CONTEXTS_APPLIED).increment(1);
-        self.attach(context.clone());
+        Ok(())
     }
 
     /// Attaches without counting: the pool counts through its cached handles.
-    pub(crate) fn attach(&mut self, context: SecurityContext) {
-        self.inner.attach_context(Some(context));
+    pub(crate) fn attach(&mut self, context: SecurityContext) -> Result<(), AttachError<B>> {
+        let attached = self.inner.attach_context(context);
+        if attached.is_err() {
+            self.inner.clear_context();
+        }
+        attached
     }
 
     /// Clears the end-user security context: the following statements run as the pool's
     /// least-privileged login. No I/O. Release does this too, on every exit path.
     pub fn clear_end_user_security_context(&mut self) {
-        self.inner.attach_context(None);
+        self.inner.clear_context();
     }
 
     /// The context the next statement runs under, if any.
@@ -76,7 +90,7 @@ impl<B: Backend> Object<B> {
         // SAFETY: `this` is never dropped (ManuallyDrop), so `inner` is moved out once.
         let inner = unsafe { ManuallyDrop::take(&mut this.inner) };
         let mut conn = managed::Object::take(inner);
-        conn.attach_context(None);
+        conn.clear_context();
         conn
     }
 }
@@ -86,7 +100,7 @@ impl<B: Backend> Drop for Object<B> {
         // SAFETY: `drop` runs once and `inner` is not touched again.
         let mut inner = unsafe { ManuallyDrop::take(&mut self.inner) };
         // Clear first: nothing the checks below decide may depend on the old context.
-        inner.attach_context(None);
+        inner.clear_context();
         let verdict = if std::thread::panicking() {
             Err(DiscardReason::Panicked)
         } else {

@@ -210,8 +210,15 @@ struct Request {
 }
 
 impl Connection for MemConnection {
-    fn attach_context(&mut self, context: Option<SecurityContext>) {
-        self.desired = context;
+    type AttachError = std::convert::Infallible;
+
+    fn attach_context(&mut self, context: SecurityContext) -> Result<(), Self::AttachError> {
+        self.desired = Some(context);
+        Ok(())
+    }
+
+    fn clear_context(&mut self) {
+        self.desired = None;
     }
 
     fn context(&self) -> Option<&SecurityContext> {

@@ -1,0 +1,330 @@
+//! Transactions: the context is applied in the same flight as `BEGIN` and holds for every
+//! statement until `COMMIT` or `ROLLBACK`.
+
+use std::fmt;
+use std::future::Future;
+use std::sync::atomic::Ordering;
+use std::sync::{Mutex, PoisonError};
+
+use tokio_postgres::types::{BorrowToSql, ToSql, Type};
+use tokio_postgres::{
+    CopyInSink, CopyOutStream, Error, IsolationLevel, Row, RowStream, SimpleQueryMessage, Statement,
+};
+
+use super::client::{ClientWrapper, StatementRef, ToStatement, isolation_sql};
+use super::sql_text::{self, Effects};
+
+/// A transaction on a pooled connection, under the handle's context.
+///
+/// Dropped without [`commit`](Self::commit) it rolls back, as tokio-postgres's does.
+pub struct Transaction<'a> {
+    wrapper: &'a mut ClientWrapper,
+    /// `Some` for a savepoint: its quoted name.
+    savepoint: Option<String>,
+    depth: u32,
+    done: bool,
+    effects: Mutex<Effects>,
+}
+
+impl fmt::Debug for Transaction<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Transaction")
+            .field("savepoint", &self.savepoint)
+            .field("depth", &self.depth)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'a> Transaction<'a> {
+    pub(crate) fn new(wrapper: &'a mut ClientWrapper) -> Self {
+        Self {
+            wrapper,
+            savepoint: None,
+            depth: 0,
+            done: false,
+            effects: Mutex::new(Effects::default()),
+        }
+    }
+
+    fn note(&self, effects: Effects) {
+        let mut e = self.effects.lock().unwrap_or_else(PoisonError::into_inner);
+        e.changes_session |= effects.changes_session;
+    }
+
+    /// Runs one statement, counting it in flight until it completes.
+    async fn run<R>(&self, effects: Effects, fut: impl Future<Output = Result<R, Error>>) -> Result<R, Error> {
+        let in_flight = self.wrapper.in_flight();
+        in_flight.fetch_add(1, Ordering::SeqCst);
+        let result = fut.await;
+        in_flight.fetch_sub(1, Ordering::SeqCst);
+        self.note(effects);
+        result
+    }
+
+    async fn resolve<T: ?Sized + ToStatement>(&self, statement: &T) -> Result<(Statement, Effects), Error> {
+        match statement.to_statement() {
+            StatementRef::Prepared(s) => Ok((s.clone(), self.wrapper.effects_of(s))),
+            StatementRef::Sql(sql) => {
+                let s = self.prepare(sql).await?;
+                Ok((s, sql_text::effects(sql)))
+            }
+        }
+    }
+
+    /// Like [`tokio_postgres::Transaction::prepare`].
+    pub async fn prepare(&self, query: &str) -> Result<Statement, Error> {
+        self.wrapper.prepare(query).await
+    }
+
+    /// Like [`tokio_postgres::Transaction::prepare_typed`].
+    pub async fn prepare_typed(&self, query: &str, types: &[Type]) -> Result<Statement, Error> {
+        self.wrapper.prepare_typed(query, types).await
+    }
+
+    /// Like [`ClientWrapper::prepare_cached`].
+    pub async fn prepare_cached(&self, query: &str) -> Result<Statement, Error> {
+        self.wrapper.prepare_cached(query).await
+    }
+
+    /// Like [`ClientWrapper::prepare_typed_cached`].
+    pub async fn prepare_typed_cached(&self, query: &str, types: &[Type]) -> Result<Statement, Error> {
+        self.wrapper.prepare_typed_cached(query, types).await
+    }
+
+    /// Like [`tokio_postgres::Transaction::query`].
+    pub async fn query<T>(&self, statement: &T, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>, Error>
+    where
+        T: ?Sized + ToStatement,
+    {
+        let (s, e) = self.resolve(statement).await?;
+        self.run(e, self.wrapper.client().query(&s, params)).await
+    }
+
+    /// Like [`tokio_postgres::Transaction::query_one`].
+    pub async fn query_one<T>(&self, statement: &T, params: &[&(dyn ToSql + Sync)]) -> Result<Row, Error>
+    where
+        T: ?Sized + ToStatement,
+    {
+        let (s, e) = self.resolve(statement).await?;
+        self.run(e, self.wrapper.client().query_one(&s, params)).await
+    }
+
+    /// Like [`tokio_postgres::Transaction::query_opt`].
+    pub async fn query_opt<T>(&self, statement: &T, params: &[&(dyn ToSql + Sync)]) -> Result<Option<Row>, Error>
+    where
+        T: ?Sized + ToStatement,
+    {
+        let (s, e) = self.resolve(statement).await?;
+        self.run(e, self.wrapper.client().query_opt(&s, params)).await
+    }
+
+    /// Like [`tokio_postgres::Transaction::query_raw`].
+    pub async fn query_raw<T, P, I>(&self, statement: &T, params: I) -> Result<RowStream, Error>
+    where
+        T: ?Sized + ToStatement,
+        P: BorrowToSql,
+        I: IntoIterator<Item = P>,
+        I::IntoIter: ExactSizeIterator,
+    {
+        let (s, e) = self.resolve(statement).await?;
+        self.run(e, self.wrapper.client().query_raw(&s, params)).await
+    }
+
+    /// Like [`tokio_postgres::Transaction::query_typed`].
+    pub async fn query_typed(&self, query: &str, params: &[(&(dyn ToSql + Sync), Type)]) -> Result<Vec<Row>, Error> {
+        self.run(sql_text::effects(query), self.wrapper.client().query_typed(query, params))
+            .await
+    }
+
+    /// Like [`tokio_postgres::Transaction::execute`].
+    pub async fn execute<T>(&self, statement: &T, params: &[&(dyn ToSql + Sync)]) -> Result<u64, Error>
+    where
+        T: ?Sized + ToStatement,
+    {
+        let (s, e) = self.resolve(statement).await?;
+        self.run(e, self.wrapper.client().execute(&s, params)).await
+    }
+
+    /// Like [`tokio_postgres::Transaction::execute_raw`].
+    pub async fn execute_raw<T, P, I>(&self, statement: &T, params: I) -> Result<u64, Error>
+    where
+        T: ?Sized + ToStatement,
+        P: BorrowToSql,
+        I: IntoIterator<Item = P>,
+        I::IntoIter: ExactSizeIterator,
+    {
+        let (s, e) = self.resolve(statement).await?;
+        self.run(e, self.wrapper.client().execute_raw(&s, params)).await
+    }
+
+    /// Like [`tokio_postgres::Transaction::batch_execute`].
+    pub async fn batch_execute(&self, query: &str) -> Result<(), Error> {
+        self.run(sql_text::effects(query), self.wrapper.client().batch_execute(query))
+            .await
+    }
+
+    /// Like [`tokio_postgres::Transaction::simple_query`].
+    pub async fn simple_query(&self, query: &str) -> Result<Vec<SimpleQueryMessage>, Error> {
+        self.run(sql_text::effects(query), self.wrapper.client().simple_query(query))
+            .await
+    }
+
+    /// Like [`tokio_postgres::Transaction::copy_in`].
+    pub async fn copy_in<T, U>(&self, statement: &T) -> Result<CopyInSink<U>, Error>
+    where
+        T: ?Sized + ToStatement,
+        U: bytes::Buf + 'static + Send,
+    {
+        let (s, e) = self.resolve(statement).await?;
+        self.run(e, self.wrapper.client().copy_in(&s)).await
+    }
+
+    /// Like [`tokio_postgres::Transaction::copy_out`].
+    pub async fn copy_out<T>(&self, statement: &T) -> Result<CopyOutStream, Error>
+    where
+        T: ?Sized + ToStatement,
+    {
+        let (s, e) = self.resolve(statement).await?;
+        self.run(e, self.wrapper.client().copy_out(&s)).await
+    }
+
+    /// Commits the transaction (releases the savepoint).
+    pub async fn commit(mut self) -> Result<(), Error> {
+        self.done = true;
+        let sql = match &self.savepoint {
+            Some(name) => format!("RELEASE {name}"),
+            None => "COMMIT".to_owned(),
+        };
+        let result = self.run(Effects::default(), self.wrapper.client().batch_execute(&sql)).await;
+        self.finish(result.is_ok());
+        result
+    }
+
+    /// Rolls the transaction back (to the savepoint).
+    pub async fn rollback(mut self) -> Result<(), Error> {
+        self.done = true;
+        let sql = match &self.savepoint {
+            Some(name) => format!("ROLLBACK TO {name}"),
+            None => "ROLLBACK".to_owned(),
+        };
+        let result = self.run(Effects::default(), self.wrapper.client().batch_execute(&sql)).await;
+        self.finish(false);
+        result
+    }
+
+    /// A nested transaction: a savepoint.
+    pub async fn transaction(&mut self) -> Result<Transaction<'_>, Error> {
+        let name = format!("sp_{}", self.depth + 1);
+        self.savepoint(name).await
+    }
+
+    /// A nested transaction with a named savepoint. The name is quoted, never spliced.
+    pub async fn savepoint<I: Into<String>>(&mut self, name: I) -> Result<Transaction<'_>, Error> {
+        let name = format!("\"{}\"", name.into().replace('"', "\"\""));
+        let depth = self.depth + 1;
+        let sql = format!("SAVEPOINT {name}");
+        self.run(Effects::default(), self.wrapper.client().batch_execute(&sql))
+            .await?;
+        Ok(Transaction {
+            wrapper: &mut *self.wrapper,
+            savepoint: Some(name),
+            depth,
+            done: false,
+            effects: Mutex::new(Effects::default()),
+        })
+    }
+
+    fn finish(&self, committed: bool) {
+        let effects = *self.effects.lock().unwrap_or_else(PoisonError::into_inner);
+        if self.savepoint.is_none() {
+            self.wrapper.set_transaction_outcome(committed, effects);
+        } else {
+            // The outer transaction decides; carry what this one did.
+            self.wrapper.set_transaction_outcome(true, effects);
+        }
+    }
+}
+
+impl Drop for Transaction<'_> {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        // As tokio-postgres: queue the rollback without waiting for it.
+        let name = self.savepoint.as_deref();
+        self.wrapper.client().__private_api_rollback(name);
+        self.finish(false);
+    }
+}
+
+/// Builds a transaction with options; see [`ClientWrapper::build_transaction`].
+#[must_use = "a builder does nothing until `start` is called"]
+pub struct TransactionBuilder<'a> {
+    wrapper: &'a mut ClientWrapper,
+    isolation_level: Option<IsolationLevel>,
+    read_only: Option<bool>,
+    deferrable: Option<bool>,
+}
+
+impl fmt::Debug for TransactionBuilder<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TransactionBuilder")
+            .field("isolation_level", &self.isolation_level)
+            .field("read_only", &self.read_only)
+            .field("deferrable", &self.deferrable)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'a> TransactionBuilder<'a> {
+    pub(crate) fn new(wrapper: &'a mut ClientWrapper) -> Self {
+        Self {
+            wrapper,
+            isolation_level: None,
+            read_only: None,
+            deferrable: None,
+        }
+    }
+
+    /// Sets the isolation level.
+    pub fn isolation_level(mut self, level: IsolationLevel) -> Self {
+        self.isolation_level = Some(level);
+        self
+    }
+
+    /// Sets the access mode.
+    pub fn read_only(mut self, read_only: bool) -> Self {
+        self.read_only = Some(read_only);
+        self
+    }
+
+    /// Sets deferrability (with serializable and read only).
+    pub fn deferrable(mut self, deferrable: bool) -> Self {
+        self.deferrable = Some(deferrable);
+        self
+    }
+
+    /// Starts the transaction, with the context in the same flight.
+    pub async fn start(self) -> Result<Transaction<'a>, Error> {
+        let mut options = Vec::new();
+        if let Some(level) = self.isolation_level {
+            options.push(isolation_sql(level));
+        }
+        match self.read_only {
+            Some(true) => options.push("READ ONLY"),
+            Some(false) => options.push("READ WRITE"),
+            None => {}
+        }
+        match self.deferrable {
+            Some(true) => options.push("DEFERRABLE"),
+            Some(false) => options.push("NOT DEFERRABLE"),
+            None => {}
+        }
+        let begin = if options.is_empty() {
+            "BEGIN".to_owned()
+        } else {
+            format!("START TRANSACTION {}", options.join(", "))
+        };
+        self.wrapper.begin(&begin).await
+    }
+}
