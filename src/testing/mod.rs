@@ -13,7 +13,11 @@
 //! hot-path bench use it; it is no substitute for tests against a live database.
 
 mod connection;
+mod pg_cluster;
+mod proxy;
 mod server;
 
 pub use connection::{MemConnection, Observation, Statement};
+pub use pg_cluster::{ClusterError, PgBouncer, PgCluster};
+pub use proxy::{FlightProxy, ProxyError};
 pub use server::{MemBackend, MemError, MemServer, ServerStats};

@@ -1,0 +1,203 @@
+//! The ctxpool demo: one pool, one least-privileged login, and PostgreSQL Row-Level
+//! Security deciding what each end user sees.
+//!
+//! `cargo run --release --example hr_demo` starts a throwaway PostgreSQL cluster (initdb in
+//! a temporary folder, a free loopback port) unless `DATABASE_URL` names a superuser URL of
+//! a scratch database, where the demo creates its roles and the `hr` schema.
+
+use std::time::{Duration, Instant};
+
+use ctxpool::postgres::{
+    Config, ContextConfig, ContextScope, ManagerConfig, Pool, PoolConfig, RecyclingMethod,
+    RoleMapping, Runtime,
+};
+use ctxpool::testing::{ClusterError, PgCluster};
+use ctxpool::{EndUserIdentity, SecurityContext};
+use serde_json::json;
+use tokio_postgres::NoTls;
+
+const HR_SQL: &str = include_str!("../tests/support/hr.sql");
+const LIST: &str = "SELECT name FROM hr.employees ORDER BY id";
+
+struct User {
+    name: &'static str,
+    role: &'static str,
+    emp_id: i32,
+    org_id: i32,
+}
+
+const USERS: [User; 3] = [
+    User { name: "alice", role: "hr_employee", emp_id: 3, org_id: 5 },
+    User { name: "bob", role: "hr_manager", emp_id: 4, org_id: 7 },
+    User { name: "dana", role: "hr_manager", emp_id: 1, org_id: 5 },
+];
+
+fn context(u: &User) -> SecurityContext {
+    SecurityContext::builder(EndUserIdentity::named(u.name, None), "demo-db-token")
+        .data_roles([u.role])
+        .attributes(json!({"hr.hcm_context": {"emp_id": u.emp_id, "org_id": u.org_id}}))
+        .build()
+        .expect("a valid context")
+}
+
+/// What each user's policies allow, computed independently of the database.
+fn expected(u: Option<&User>) -> Vec<&'static str> {
+    const ROWS: [(i32, &str, i32); 6] = [
+        (1, "Ada", 5), (2, "Grace", 5), (3, "Alan", 5),
+        (4, "Edsger", 7), (5, "Barbara", 7), (6, "Donald", 9),
+    ];
+    ROWS.iter()
+        .filter(|(id, _, org)| match u {
+            None => false,
+            Some(u) if u.role == "hr_employee" => *id == u.emp_id,
+            Some(u) => *org == u.org_id,
+        })
+        .map(|(_, name, _)| *name)
+        .collect()
+}
+
+async fn names(pool: &Pool, who: Option<&SecurityContext>) -> Vec<String> {
+    let client = match who {
+        Some(ctx) => pool.acquire_as(ctx).await.expect("acquire_as"),
+        None => pool.get().await.expect("get"),
+    };
+    let stmt = client.prepare_cached(LIST).await.expect("prepare");
+    client
+        .query(&stmt, &[])
+        .await
+        .expect("query")
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+fn pool(url: &str, scope: ContextScope) -> Pool {
+    let mut cfg = Config::new();
+    cfg.url = Some(url.to_owned());
+    cfg.manager = Some(ManagerConfig { recycling_method: RecyclingMethod::Fast });
+    cfg.pool = Some(PoolConfig::new(8));
+    cfg.context = Some(
+        ContextConfig::new(RoleMapping::FirstDataRole, ["hr_employee", "hr_manager"]).scope(scope),
+    );
+    cfg.create_pool(Some(Runtime::Tokio1), NoTls).expect("pool")
+}
+
+/// Median latency of `n` runs of `f`.
+async fn median<F, Fut>(n: usize, mut f: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let mut samples = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        f().await;
+        samples.push(t.elapsed());
+    }
+    samples.sort();
+    samples[n / 2]
+}
+
+#[tokio::main]
+async fn main() {
+    // Keep the cluster alive for the whole demo; dropping it stops the server.
+    let (_cluster, app_url, place) = match std::env::var("DATABASE_URL") {
+        Ok(admin) => {
+            let (client, conn) = tokio_postgres::connect(&admin, NoTls).await.expect("DATABASE_URL");
+            tokio::spawn(conn);
+            client
+                .batch_execute(
+                    "DROP SCHEMA IF EXISTS hr CASCADE; DROP ROLE IF EXISTS hr_app; \
+                     DROP ROLE IF EXISTS hr_employee; DROP ROLE IF EXISTS hr_manager; \
+                     DROP ROLE IF EXISTS hr_auditor;",
+                )
+                .await
+                .expect("reset the demo schema");
+            ctxpool::postgres::install_helpers(&client).await.expect("helpers");
+            client.batch_execute(HR_SQL).await.expect("HR schema");
+            client.batch_execute("ALTER ROLE hr_app PASSWORD 'hr-demo'").await.expect("password");
+            let mut cfg: tokio_postgres::Config = admin.parse().expect("DATABASE_URL");
+            cfg.user("hr_app").password("hr-demo");
+            let host = match cfg.get_hosts().first() {
+                Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+                _ => "localhost".to_owned(),
+            };
+            let port = cfg.get_ports().first().copied().unwrap_or(5432);
+            let db = cfg.get_dbname().unwrap_or("postgres").to_owned();
+            (None, format!("postgres://hr_app:hr-demo@{host}:{port}/{db}"), "DATABASE_URL".to_owned())
+        }
+        Err(_) => {
+            let cluster = match PgCluster::start() {
+                Ok(c) => c,
+                Err(e @ ClusterError::NotInstalled { .. }) => {
+                    eprintln!("hr_demo: {e}");
+                    std::process::exit(1);
+                }
+                Err(e) => panic!("could not start a throwaway PostgreSQL: {e}"),
+            };
+            cluster.psql("postgres", "CREATE DATABASE hr").expect("database");
+            cluster.psql("hr", ctxpool::postgres::HELPERS_SQL).expect("helpers");
+            cluster.psql("hr", HR_SQL).expect("HR schema");
+            let url = cluster.url("hr_app", "hr");
+            let place = format!("throwaway cluster on 127.0.0.1:{}", cluster.port());
+            (Some(cluster), url, place)
+        }
+    };
+
+    println!("ctxpool HR demo: PostgreSQL ({place}), one pool, login `hr_app`\n");
+    let pool = pool(&app_url, ContextScope::Transaction);
+
+    println!("| end user      | data role   | hcm_context          | sees (RLS)                 |");
+    println!("|---------------|-------------|----------------------|----------------------------|");
+    let seen = names(&pool, None).await;
+    assert!(seen.is_empty(), "no identity must see nothing");
+    println!("| (no identity) | -           | -                    | {:<26} |", "nothing");
+    for u in &USERS {
+        let seen = names(&pool, Some(&context(u))).await;
+        assert_eq!(seen, expected(Some(u)), "{} saw the wrong rows", u.name);
+        println!(
+            "| {:<13} | {:<11} | emp_id={} org_id={:<3} | {:<26} |",
+            u.name, u.role, u.emp_id, u.org_id, seen.join(", ")
+        );
+    }
+
+    // 100 concurrent requests mixing the users and no identity, each checked.
+    let mut tasks = Vec::new();
+    for i in 0..100 {
+        let pool = pool.clone();
+        tasks.push(tokio::spawn(async move {
+            let user = USERS.get(i % (USERS.len() + 1));
+            let ctx = user.map(context);
+            let seen = names(&pool, ctx.as_ref()).await;
+            seen == expected(user)
+        }));
+    }
+    let mut right = 0;
+    for t in tasks {
+        if t.await.expect("request task") {
+            right += 1;
+        }
+    }
+    println!("\n100 concurrent mixed requests through one pool of 8: {right} right, {} wrong", 100 - right);
+    assert_eq!(right, 100);
+
+    // The per-query cost of a context, on this machine.
+    let alice = context(&USERS[0]);
+    let runs = 2000;
+    let mut line = Vec::new();
+    for scope in [ContextScope::Transaction, ContextScope::Session] {
+        let pool = self::pool(&app_url, scope);
+        let plain = median(runs, || async { names(&pool, None).await; }).await;
+        let ctx = median(runs, || async { names(&pool, Some(&alice)).await; }).await;
+        line.push(format!(
+            "{scope:?} scope: plain get+query {:.0} µs, acquire_as+query {:.0} µs ({:.2}×)",
+            plain.as_secs_f64() * 1e6,
+            ctx.as_secs_f64() * 1e6,
+            ctx.as_secs_f64() / plain.as_secs_f64()
+        ));
+    }
+    println!("\nper-query overhead of the context (median of {runs}, prepared statement, loopback):");
+    for l in line {
+        println!("  {l}");
+    }
+}

@@ -1,0 +1,851 @@
+//! A throwaway PostgreSQL cluster and PgBouncer for tests and examples.
+//!
+//! [`PgCluster::start`] runs `initdb` into a fresh temporary directory and starts a server
+//! that listens only on `127.0.0.1`, on a free port, with `trust` authentication and
+//! durability switched off (`fsync`, `synchronous_commit` and `full_page_writes` are off):
+//! it is fast and disposable, and dropping it stops the server and deletes everything.
+//! [`PgBouncer::start`] puts a PgBouncer in front of such a cluster.
+//!
+//! Both need the PostgreSQL server and PgBouncer installed; on Debian or Ubuntu:
+//! `apt-get install -y postgresql pgbouncer`. A missing program is reported as
+//! [`ClusterError::NotInstalled`], whose message carries that command.
+//!
+//! PostgreSQL and PgBouncer refuse to run as root. When this process runs as root (as in
+//! CI containers), the server programs run as the unprivileged OS user `postgres` (created
+//! by the Debian package) and the temporary directories are handed to that user; `psql`
+//! runs as the calling user.
+//!
+//! Everything here is synchronous (`std::process`); from async code, call it from
+//! `tokio::task::spawn_blocking` or before the runtime starts.
+
+use std::fs;
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// The address both servers listen on.
+const HOST: &str = "127.0.0.1";
+/// The bootstrap superuser `initdb -U` creates.
+const SUPERUSER: &str = "postgres";
+/// The OS user the server programs run as when this process is root.
+const SERVICE_USER: &str = "postgres";
+/// How long `pg_ctl` waits for the server to start or stop, in seconds.
+const PG_CTL_TIMEOUT_SECS: &str = "60";
+/// How long to wait for PgBouncer to accept connections.
+const BOUNCER_READY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How many free ports to try when another process takes the chosen one first.
+const PORT_ATTEMPTS: usize = 3;
+/// How much of a log file an error quotes.
+const LOG_TAIL_BYTES: u64 = 4096;
+
+/// Errors of the throwaway cluster and PgBouncer harness.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClusterError {
+    /// A required program is not installed.
+    #[error(
+        "`{program}` not found ({hint}); install PostgreSQL and PgBouncer with: \
+         apt-get install -y postgresql pgbouncer"
+    )]
+    NotInstalled {
+        /// The missing program.
+        program: &'static str,
+        /// Where it was looked for.
+        hint: String,
+    },
+    /// This process runs as root, PostgreSQL refuses to, and the unprivileged OS user
+    /// `postgres` to run it as does not exist.
+    #[error(
+        "running as root, which PostgreSQL refuses, and the OS user `postgres` to run the \
+         server as was not found ({detail}); the Debian package creates it: \
+         apt-get install -y postgresql"
+    )]
+    NoServiceUser {
+        /// Why the lookup failed.
+        detail: String,
+    },
+    /// An I/O operation of the harness itself failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What the harness was doing.
+        context: String,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// A program exited unsuccessfully.
+    #[error("`{program}` failed ({status}):\n{stderr}")]
+    Command {
+        /// The program and its subcommand, e.g. `pg_ctl start`.
+        program: String,
+        /// Its exit status.
+        status: ExitStatus,
+        /// Its standard error (and output), followed by the tail of the server log if
+        /// there is one.
+        stderr: String,
+    },
+    /// A server did not become ready in time.
+    #[error("{what} not ready after {waited:?}; log tail:\n{log_tail}")]
+    NotReady {
+        /// The server that was waited for.
+        what: &'static str,
+        /// How long it was waited for.
+        waited: Duration,
+        /// The end of its log.
+        log_tail: String,
+    },
+    /// An argument cannot be used (e.g. an unknown PgBouncer pool mode).
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+}
+
+impl ClusterError {
+    fn io(context: impl Into<String>, source: io::Error) -> Self {
+        ClusterError::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+// ---- the cluster ---------------------------------------------------------------------
+
+/// A throwaway PostgreSQL cluster in a temporary directory.
+///
+/// It listens on `127.0.0.1` on a free port (see [`port`](Self::port)) and trusts every
+/// local connection, so [`url`](Self::url) needs no password. Dropping it stops the server
+/// (`pg_ctl stop -m immediate`) and deletes the directory.
+#[derive(Debug)]
+pub struct PgCluster {
+    port: u16,
+    data: PathBuf,
+    log: PathBuf,
+    bin: ServerBins,
+    run_as: Option<RunAs>,
+    // Last, so that it is removed after `Drop::drop` stopped the server.
+    dir: TempDir,
+}
+
+impl PgCluster {
+    /// Creates a cluster with `initdb` and starts it; returns once it accepts connections.
+    ///
+    /// # Errors
+    /// [`ClusterError::NotInstalled`] if PostgreSQL is missing,
+    /// [`ClusterError::NoServiceUser`] when running as root without a `postgres` OS user,
+    /// [`ClusterError::Command`] if `initdb` or `pg_ctl start` fails.
+    pub fn start() -> Result<PgCluster, ClusterError> {
+        let started = Instant::now();
+        let bin = ServerBins::find()?;
+        let run_as = service_identity()?;
+        let dir = TempDir::create("ctxpool-pg", run_as)?;
+        let data = dir.path.join("data");
+        let log = dir.path.join("postgres.log");
+        let mut cluster = PgCluster {
+            port: 0,
+            data,
+            log,
+            bin,
+            run_as,
+            dir,
+        };
+        cluster.initdb()?;
+        cluster.write_hba()?;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            cluster.port = free_port()?;
+            cluster.write_conf()?;
+            let log_start = file_len(&cluster.log);
+            match cluster.pg_ctl("start", &["-l"], true) {
+                Ok(()) => break,
+                Err(e) if attempt < PORT_ATTEMPTS && port_taken(&cluster.log, log_start) => {
+                    tracing::debug!(port = cluster.port, error = %e, "port taken; retrying");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        tracing::debug!(
+            port = cluster.port,
+            dir = %cluster.dir.path.display(),
+            elapsed = ?started.elapsed(),
+            "PostgreSQL cluster started"
+        );
+        Ok(cluster)
+    }
+
+    /// The port the server listens on (on [`host`](Self::host)).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The address the server listens on: `127.0.0.1`.
+    pub fn host(&self) -> &str {
+        HOST
+    }
+
+    /// The bootstrap superuser `initdb` created: `postgres`.
+    pub fn superuser(&self) -> &str {
+        SUPERUSER
+    }
+
+    /// A connection URL, `postgres://{user}@127.0.0.1:{port}/{dbname}`, without password
+    /// (the cluster trusts local connections). `user` and `dbname` are inserted verbatim,
+    /// so they must not need percent-encoding.
+    pub fn url(&self, user: &str, dbname: &str) -> String {
+        format!("postgres://{user}@{HOST}:{}/{dbname}", self.port)
+    }
+
+    /// Restarts the server (`pg_ctl restart -m fast`) on the same port, terminating every
+    /// session; returns once it accepts connections again.
+    ///
+    /// # Errors
+    /// [`ClusterError::Command`] if `pg_ctl` fails.
+    pub fn restart(&self) -> Result<(), ClusterError> {
+        self.pg_ctl("restart", &["-m", "fast", "-l"], true)
+    }
+
+    /// Stops the server (`pg_ctl stop -m fast`), terminating every session; start it again
+    /// with [`resume`](Self::resume).
+    ///
+    /// # Errors
+    /// [`ClusterError::Command`] if `pg_ctl` fails (e.g. the server is not running).
+    pub fn stop(&self) -> Result<(), ClusterError> {
+        self.pg_ctl("stop", &["-m", "fast"], false)
+    }
+
+    /// Starts the server again after [`stop`](Self::stop), on the same port; returns once
+    /// it accepts connections.
+    ///
+    /// # Errors
+    /// [`ClusterError::Command`] if `pg_ctl` fails (e.g. the server is already running).
+    pub fn resume(&self) -> Result<(), ClusterError> {
+        self.pg_ctl("start", &["-l"], true)
+    }
+
+    /// Runs the script `sql` in database `dbname` as the superuser, with
+    /// `psql -X -q -At -v ON_ERROR_STOP=1`, and returns its standard output: one line per
+    /// row, columns separated by `|`, no headers or command tags. The script is sent on
+    /// standard input, so it may hold several statements (each runs in its own transaction
+    /// unless it says otherwise) and `psql` meta-commands.
+    ///
+    /// # Errors
+    /// [`ClusterError::Command`], whose `stderr` holds psql's, if a statement fails.
+    pub fn psql(&self, dbname: &str, sql: &str) -> Result<String, ClusterError> {
+        let mut cmd = Command::new(&self.bin.psql);
+        clear_pg_env(&mut cmd);
+        cmd.args(["-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-h", HOST, "-p"])
+            .arg(self.port.to_string())
+            .args(["-U", SUPERUSER, "-d", dbname, "-f", "-"])
+            .env("PGCONNECT_TIMEOUT", "10")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| ClusterError::io("spawning psql", e))?;
+        let writer = child.stdin.take().map(|mut stdin| {
+            let script = sql.to_owned();
+            // A thread, so that a large script cannot deadlock against a full stdout pipe.
+            // A write error means psql exited early; its status and stderr tell why.
+            std::thread::spawn(move || {
+                let _ = stdin.write_all(script.as_bytes());
+            })
+        });
+        let output = child
+            .wait_with_output()
+            .map_err(|e| ClusterError::io("waiting for psql", e))?;
+        if let Some(writer) = writer {
+            let _ = writer.join();
+        }
+        if output.status.success() {
+            Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+        } else {
+            Err(ClusterError::Command {
+                program: "psql".to_owned(),
+                status: output.status,
+                stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+            })
+        }
+    }
+
+    /// Runs `initdb`, with `--locale=C.UTF-8`, falling back to `--locale=C`.
+    fn initdb(&self) -> Result<(), ClusterError> {
+        let mut last = None;
+        for locale in ["--locale=C.UTF-8", "--locale=C"] {
+            if self.data.exists() {
+                fs::remove_dir_all(&self.data)
+                    .map_err(|e| ClusterError::io("removing a failed initdb's data", e))?;
+            }
+            let mut cmd = server_command(&self.bin.initdb, &self.dir.path, self.run_as);
+            cmd.arg("-D").arg(&self.data).args([
+                "-U",
+                SUPERUSER,
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                locale,
+                "-N",
+            ]);
+            match run(cmd, "initdb".to_owned(), None) {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    tracing::debug!(locale, error = %e, "initdb failed");
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| ClusterError::InvalidArgument("no locale to try".into())))
+    }
+
+    fn write_hba(&self) -> Result<(), ClusterError> {
+        let hba = "# Written by ctxpool's test harness: trust local connections only.\n\
+                   local all all trust\n\
+                   host all all 127.0.0.1/32 trust\n\
+                   local replication all trust\n\
+                   host replication all 127.0.0.1/32 trust\n";
+        write_file(&self.data.join("pg_hba.conf"), hba, self.run_as)
+    }
+
+    /// Writes the harness settings to `ctxpool.conf` and includes it from
+    /// `postgresql.conf` (once).
+    fn write_conf(&self) -> Result<(), ClusterError> {
+        let socket_dir = self.dir.path.display().to_string().replace('\'', "''");
+        let conf = format!(
+            "# Written by ctxpool's test harness.\n\
+             listen_addresses = '{HOST}'\n\
+             port = {port}\n\
+             unix_socket_directories = '{socket_dir}'\n\
+             fsync = off\n\
+             synchronous_commit = off\n\
+             full_page_writes = off\n\
+             max_connections = 200\n\
+             shared_buffers = 32MB\n\
+             logging_collector = off\n",
+            port = self.port,
+        );
+        write_file(&self.data.join("ctxpool.conf"), &conf, self.run_as)?;
+        let main = self.data.join("postgresql.conf");
+        let include = "include 'ctxpool.conf'";
+        let current = fs::read_to_string(&main)
+            .map_err(|e| ClusterError::io(format!("reading {}", main.display()), e))?;
+        if !current.lines().any(|l| l.trim() == include) {
+            let mut f = fs::OpenOptions::new()
+                .append(true)
+                .open(&main)
+                .map_err(|e| ClusterError::io(format!("opening {}", main.display()), e))?;
+            writeln!(f, "\n{include}")
+                .map_err(|e| ClusterError::io(format!("writing {}", main.display()), e))?;
+        }
+        Ok(())
+    }
+
+    /// Runs `pg_ctl <action> -D <data> -w -t 60 -s <extra>`; `with_log` appends the log
+    /// file path (for the `-l` in `extra`).
+    fn pg_ctl(&self, action: &str, extra: &[&str], with_log: bool) -> Result<(), ClusterError> {
+        let mut cmd = server_command(&self.bin.pg_ctl, &self.dir.path, self.run_as);
+        cmd.arg(action)
+            .arg("-D")
+            .arg(&self.data)
+            .args(["-w", "-t", PG_CTL_TIMEOUT_SECS, "-s"])
+            .args(extra);
+        if with_log {
+            cmd.arg(&self.log);
+        }
+        run(cmd, format!("pg_ctl {action}"), Some(&self.log))
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        // Best effort: the server may already be stopped, in which case this fails.
+        let mut cmd = server_command(&self.bin.pg_ctl, &self.dir.path, self.run_as);
+        cmd.arg("stop")
+            .arg("-D")
+            .arg(&self.data)
+            .args(["-m", "immediate", "-w", "-t", "10", "-s"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        match cmd.status() {
+            Ok(status) if status.success() => {}
+            _ => kill_postmaster(&self.data),
+        }
+        // `self.dir` removes the directory when dropped.
+    }
+}
+
+/// If a postmaster is still running in `data`, kills it (used when `pg_ctl stop` failed).
+fn kill_postmaster(data: &Path) {
+    let Ok(pidfile) = fs::read_to_string(data.join("postmaster.pid")) else {
+        return;
+    };
+    let Some(pid) = pidfile
+        .lines()
+        .next()
+        .and_then(|l| l.trim().parse::<u32>().ok())
+    else {
+        return;
+    };
+    let _ = Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
+
+// ---- PgBouncer -----------------------------------------------------------------------
+
+/// A PgBouncer in front of a [`PgCluster`], in a temporary directory.
+///
+/// It listens on `127.0.0.1` on a free port and forwards every database name to the
+/// cluster. Clients are not authenticated (`auth_type = trust`); users other than the
+/// superuser are looked up in the cluster through `auth_query`, so any role that may log
+/// in to the cluster may log in to the bouncer. Dropping it kills the process and deletes
+/// the directory. Drop it before the cluster.
+#[derive(Debug)]
+pub struct PgBouncer {
+    port: u16,
+    child: Child,
+    // Last, so that it is removed after `Drop::drop` killed the process.
+    dir: TempDir,
+}
+
+impl PgBouncer {
+    /// Starts PgBouncer in front of `cluster` with `pool_mode` (`"session"`,
+    /// `"transaction"` or `"statement"`) and `default_pool_size` server connections per
+    /// user and database; returns once it accepts connections.
+    ///
+    /// # Errors
+    /// [`ClusterError::NotInstalled`] if PgBouncer is missing,
+    /// [`ClusterError::InvalidArgument`] for an unknown pool mode,
+    /// [`ClusterError::Command`] if it exits during startup,
+    /// [`ClusterError::NotReady`] if it does not accept connections within 10 s.
+    pub fn start(
+        cluster: &PgCluster,
+        pool_mode: &str,
+        default_pool_size: u32,
+    ) -> Result<PgBouncer, ClusterError> {
+        if !matches!(pool_mode, "session" | "transaction" | "statement") {
+            return Err(ClusterError::InvalidArgument(format!(
+                "pool_mode {pool_mode:?}: expected \"session\", \"transaction\" or \"statement\""
+            )));
+        }
+        let program = find_program(
+            "pgbouncer",
+            &[
+                Path::new("/usr/sbin/pgbouncer"),
+                Path::new("/usr/bin/pgbouncer"),
+            ],
+        )?;
+        let run_as = cluster.run_as;
+        let mut dir = TempDir::create("ctxpool-pgbouncer", run_as)?;
+        let log = dir.path.join("pgbouncer.log");
+        let ini = dir.path.join("pgbouncer.ini");
+        let userlist = dir.path.join("userlist.txt");
+        write_file(&userlist, &format!("\"{SUPERUSER}\" \"\"\n"), run_as)?;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let port = free_port()?;
+            let conf = format!(
+                "; Written by ctxpool's test harness.\n\
+                 [databases]\n\
+                 * = host={HOST} port={pg_port}\n\
+                 \n\
+                 [pgbouncer]\n\
+                 listen_addr = {HOST}\n\
+                 listen_port = {port}\n\
+                 unix_socket_dir =\n\
+                 auth_type = trust\n\
+                 auth_file = {userlist}\n\
+                 auth_user = {SUPERUSER}\n\
+                 auth_query = SELECT rolname, NULL::text FROM pg_catalog.pg_roles WHERE rolname = $1 AND rolcanlogin\n\
+                 admin_users = {SUPERUSER}\n\
+                 pool_mode = {pool_mode}\n\
+                 default_pool_size = {default_pool_size}\n\
+                 max_client_conn = 1000\n\
+                 ignore_startup_parameters = extra_float_digits,options,application_name\n\
+                 logfile = {log}\n\
+                 pidfile = {pidfile}\n",
+                pg_port = cluster.port,
+                userlist = userlist.display(),
+                log = log.display(),
+                pidfile = dir.path.join("pgbouncer.pid").display(),
+            );
+            write_file(&ini, &conf, run_as)?;
+            let out_path = dir.path.join("pgbouncer.out");
+            let out = fs::File::create(&out_path)
+                .map_err(|e| ClusterError::io(format!("creating {}", out_path.display()), e))?;
+            let err = out
+                .try_clone()
+                .map_err(|e| ClusterError::io("duplicating a file handle", e))?;
+            let log_start = file_len(&log);
+            let mut cmd = server_command(&program, &dir.path, run_as);
+            cmd.arg(&ini).stdout(out).stderr(err);
+            let child = cmd
+                .spawn()
+                .map_err(|e| ClusterError::io("spawning pgbouncer", e))?;
+            let mut bouncer = PgBouncer { port, child, dir };
+            match bouncer.wait_ready(&log, &out_path) {
+                Ok(()) => {
+                    tracing::debug!(port, pg_port = cluster.port, "PgBouncer started");
+                    return Ok(bouncer);
+                }
+                Err(e) if attempt < PORT_ATTEMPTS && port_taken(&log, log_start) => {
+                    tracing::debug!(port, error = %e, "port taken; retrying");
+                    // Keep the directory: take it back, and let the process be reaped.
+                    bouncer.kill();
+                    dir = std::mem::replace(&mut bouncer.dir, TempDir::empty());
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// The port PgBouncer listens on (on `127.0.0.1`).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// A connection URL, `postgres://{user}@127.0.0.1:{port}/{dbname}`, without password.
+    /// `user` and `dbname` are inserted verbatim, so they must not need percent-encoding.
+    pub fn url(&self, user: &str, dbname: &str) -> String {
+        format!("postgres://{user}@{HOST}:{}/{dbname}", self.port)
+    }
+
+    /// Polls until PgBouncer accepts a TCP connection, it exits, or the timeout passes.
+    fn wait_ready(&mut self, log: &Path, out: &Path) -> Result<(), ClusterError> {
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.port));
+        let started = Instant::now();
+        let mut backoff = Duration::from_millis(5);
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => {
+                    return Err(ClusterError::Command {
+                        program: "pgbouncer".to_owned(),
+                        status,
+                        stderr: format!("{}{}", tail(out), tail(log)),
+                    });
+                }
+                Ok(None) => {}
+                Err(e) => return Err(ClusterError::io("polling pgbouncer", e)),
+            }
+            if TcpStream::connect_timeout(&addr, Duration::from_millis(250)).is_ok() {
+                return Ok(());
+            }
+            if started.elapsed() >= BOUNCER_READY_TIMEOUT {
+                return Err(ClusterError::NotReady {
+                    what: "pgbouncer",
+                    waited: started.elapsed(),
+                    log_tail: format!("{}{}", tail(out), tail(log)),
+                });
+            }
+            std::thread::sleep(backoff);
+            backoff = (backoff * 2).min(Duration::from_millis(100));
+        }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for PgBouncer {
+    fn drop(&mut self) {
+        self.kill();
+        // `self.dir` removes the directory when dropped.
+    }
+}
+
+// ---- helpers -------------------------------------------------------------------------
+
+/// A directory removed (best effort) on drop.
+#[derive(Debug)]
+struct TempDir {
+    path: PathBuf,
+}
+
+impl TempDir {
+    /// Creates `<temp>/<prefix>-<pid>-<counter>-<nanos>`, owned by `run_as` if given.
+    fn create(prefix: &str, run_as: Option<RunAs>) -> Result<TempDir, ClusterError> {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let name = format!(
+            "{prefix}-{}-{}-{nanos}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        let path = std::env::temp_dir().join(name);
+        fs::create_dir(&path)
+            .map_err(|e| ClusterError::io(format!("creating {}", path.display()), e))?;
+        let dir = TempDir { path };
+        if let Some(id) = run_as {
+            chown(&dir.path, id)?;
+        }
+        Ok(dir)
+    }
+
+    /// A placeholder that owns nothing.
+    fn empty() -> TempDir {
+        TempDir {
+            path: PathBuf::new(),
+        }
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if !self.path.as_os_str().is_empty() {
+            let _ = fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+/// The server programs, from the highest-versioned `/usr/lib/postgresql/*/bin`, else PATH.
+#[derive(Debug)]
+struct ServerBins {
+    initdb: PathBuf,
+    pg_ctl: PathBuf,
+    psql: PathBuf,
+}
+
+impl ServerBins {
+    fn find() -> Result<ServerBins, ClusterError> {
+        let dir = pg_bin_dir();
+        let server = |program: &'static str| -> Result<PathBuf, ClusterError> {
+            match dir.as_ref().map(|d| d.join(program)) {
+                Some(path) if is_executable(&path) => Ok(path),
+                _ => find_program(program, &[]),
+            }
+        };
+        let initdb = server("initdb")?;
+        let pg_ctl = server("pg_ctl")?;
+        server("postgres")?; // pg_ctl runs it from its own directory or PATH.
+        let mut psql_fallbacks = vec![PathBuf::from("/usr/bin/psql")];
+        psql_fallbacks.extend(dir.map(|d| d.join("psql")));
+        let fallbacks: Vec<&Path> = psql_fallbacks.iter().map(PathBuf::as_path).collect();
+        let psql = find_program("psql", &fallbacks)?;
+        Ok(ServerBins {
+            initdb,
+            pg_ctl,
+            psql,
+        })
+    }
+}
+
+/// The `bin` directory of the highest PostgreSQL version under `/usr/lib/postgresql`.
+fn pg_bin_dir() -> Option<PathBuf> {
+    fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(Result::ok)
+        .filter_map(|entry| {
+            let name = entry.file_name().into_string().ok()?;
+            let version = name
+                .split('.')
+                .map(|part| part.parse::<u32>().ok())
+                .collect::<Option<Vec<u32>>>()?;
+            let bin = entry.path().join("bin");
+            is_executable(&bin.join("postgres")).then_some((version, bin))
+        })
+        .max_by(|a, b| a.0.cmp(&b.0))
+        .map(|(_, bin)| bin)
+}
+
+/// Finds `program` on PATH, then at `fallbacks`.
+fn find_program(program: &'static str, fallbacks: &[&Path]) -> Result<PathBuf, ClusterError> {
+    let path_var = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path_var)
+        .map(|dir| dir.join(program))
+        .chain(fallbacks.iter().map(|p| p.to_path_buf()))
+        .find(|p| is_executable(p))
+        .ok_or_else(|| {
+            let mut hint = String::from("looked on PATH");
+            if program != "psql" && program != "pgbouncer" {
+                hint.insert_str(0, "looked in /usr/lib/postgresql/*/bin, ");
+            }
+            for f in fallbacks {
+                hint.push_str(&format!(", {}", f.display()));
+            }
+            ClusterError::NotInstalled { program, hint }
+        })
+}
+
+fn is_executable(path: &Path) -> bool {
+    fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// The OS identity the server programs run as.
+#[derive(Debug, Clone, Copy)]
+struct RunAs {
+    uid: u32,
+    gid: u32,
+}
+
+/// `Some(postgres user)` when this process runs as root, else `None` (run as ourselves).
+fn service_identity() -> Result<Option<RunAs>, ClusterError> {
+    if effective_uid()? != 0 {
+        return Ok(None);
+    }
+    let lookup = |flag: &str| -> Result<u32, ClusterError> {
+        let output = Command::new("id")
+            .args([flag, SERVICE_USER])
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| ClusterError::NoServiceUser {
+                detail: format!("running `id`: {e}"),
+            })?;
+        let text = String::from_utf8_lossy(&output.stdout);
+        match text.trim().parse() {
+            Ok(id) if output.status.success() => Ok(id),
+            _ => Err(ClusterError::NoServiceUser {
+                detail: format!(
+                    "`id {flag} {SERVICE_USER}`: {}",
+                    String::from_utf8_lossy(&output.stderr).trim()
+                ),
+            }),
+        }
+    };
+    let run_as = RunAs {
+        uid: lookup("-u")?,
+        gid: lookup("-g")?,
+    };
+    if run_as.uid == 0 {
+        return Err(ClusterError::NoServiceUser {
+            detail: format!("`{SERVICE_USER}` has uid 0"),
+        });
+    }
+    Ok(Some(run_as))
+}
+
+/// This process's effective uid, from `/proc/self/status`, else `id -u`.
+fn effective_uid() -> Result<u32, ClusterError> {
+    if let Ok(status) = fs::read_to_string("/proc/self/status") {
+        // "Uid:\t<real>\t<effective>\t<saved>\t<fs>"
+        let euid = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .and_then(|ids| ids.split_whitespace().nth(1))
+            .and_then(|id| id.parse().ok());
+        if let Some(euid) = euid {
+            return Ok(euid);
+        }
+    }
+    let output = Command::new("id")
+        .arg("-u")
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| ClusterError::io("running `id -u`", e))?;
+    String::from_utf8_lossy(&output.stdout)
+        .trim()
+        .parse()
+        .map_err(|_| ClusterError::io("parsing `id -u`", io::Error::other("not a number")))
+}
+
+/// A command for a server program: run as `run_as` (not through `runuser`, which would
+/// stand between us and the process we must kill), in `dir`, without inherited `PG*`
+/// variables, with standard input closed.
+fn server_command(program: &Path, dir: &Path, run_as: Option<RunAs>) -> Command {
+    let mut cmd = Command::new(program);
+    clear_pg_env(&mut cmd);
+    cmd.current_dir(dir).stdin(Stdio::null());
+    if let Some(id) = run_as {
+        // std drops supplementary groups when a root parent sets the uid.
+        cmd.uid(id.uid).gid(id.gid).env("HOME", dir);
+    }
+    cmd
+}
+
+/// Removes inherited libpq variables (`PGHOST`, `PGDATA`, ...) that would redirect us.
+fn clear_pg_env(cmd: &mut Command) {
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("PG") {
+            cmd.env_remove(key);
+        }
+    }
+}
+
+/// Runs `cmd` to completion; on failure, the error quotes its output and `log`'s tail.
+fn run(mut cmd: Command, program: String, log: Option<&Path>) -> Result<(), ClusterError> {
+    let output = cmd
+        .output()
+        .map_err(|e| ClusterError::io(format!("running {program}"), e))?;
+    if output.status.success() {
+        return Ok(());
+    }
+    let mut stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    stderr.push_str(&String::from_utf8_lossy(&output.stdout));
+    if let Some(log) = log {
+        stderr.push_str(&format!("--- {} (tail) ---\n{}", log.display(), tail(log)));
+    }
+    Err(ClusterError::Command {
+        program,
+        status: output.status,
+        stderr,
+    })
+}
+
+/// Writes `contents` to `path` and hands it to `run_as`.
+fn write_file(path: &Path, contents: &str, run_as: Option<RunAs>) -> Result<(), ClusterError> {
+    fs::write(path, contents)
+        .map_err(|e| ClusterError::io(format!("writing {}", path.display()), e))?;
+    match run_as {
+        Some(id) => chown(path, id),
+        None => Ok(()),
+    }
+}
+
+fn chown(path: &Path, id: RunAs) -> Result<(), ClusterError> {
+    std::os::unix::fs::chown(path, Some(id.uid), Some(id.gid))
+        .map_err(|e| ClusterError::io(format!("chown {}", path.display()), e))
+}
+
+/// A free TCP port on 127.0.0.1 (bound, read, released; another process may take it
+/// before the server binds it, hence the retries).
+fn free_port() -> Result<u16, ClusterError> {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .map_err(|e| ClusterError::io("binding 127.0.0.1:0", e))?;
+    listener
+        .local_addr()
+        .map(|a| a.port())
+        .map_err(|e| ClusterError::io("reading a bound port", e))
+}
+
+fn file_len(path: &Path) -> u64 {
+    fs::metadata(path).map(|m| m.len()).unwrap_or(0)
+}
+
+/// Whether `log`, past `from`, says the port was taken.
+fn port_taken(log: &Path, from: u64) -> bool {
+    read_from(log, from).contains("already in use")
+}
+
+/// The last few KiB of `path`, or a note that it could not be read.
+fn tail(path: &Path) -> String {
+    let from = file_len(path).saturating_sub(LOG_TAIL_BYTES);
+    let text = read_from(path, from);
+    if text.is_empty() {
+        format!("({} is empty or missing)\n", path.display())
+    } else {
+        text
+    }
+}
+
+fn read_from(path: &Path, from: u64) -> String {
+    let mut bytes = Vec::new();
+    let read = fs::File::open(path).and_then(|mut f| {
+        f.seek(SeekFrom::Start(from))?;
+        f.read_to_end(&mut bytes)
+    });
+    match read {
+        Ok(_) => String::from_utf8_lossy(&bytes).into_owned(),
+        Err(_) => String::new(),
+    }
+}
