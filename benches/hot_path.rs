@@ -7,7 +7,6 @@
 
 use std::hint::black_box;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::Criterion;
@@ -56,7 +55,11 @@ impl managed::Manager for NoIoManager {
     async fn create(&self) -> Result<NoIoConn, std::io::Error> {
         Ok(NoIoConn::default())
     }
-    async fn recycle(&self, _: &mut NoIoConn, _: &managed::Metrics) -> RecycleResult<std::io::Error> {
+    async fn recycle(
+        &self,
+        _: &mut NoIoConn,
+        _: &managed::Metrics,
+    ) -> RecycleResult<std::io::Error> {
         Ok(())
     }
 }
@@ -97,7 +100,10 @@ struct CtxpoolAcquireAs(Pool<NoIoBackend>, SecurityContext);
 /// `Arc` would measure contention on its reference count, not the pool.
 impl Clone for CtxpoolAcquireAs {
     fn clone(&self) -> Self {
-        let own = self.1.with_data_roles(self.1.data_roles().iter().cloned()).unwrap();
+        let own = self
+            .1
+            .with_data_roles(self.1.data_roles().iter().cloned())
+            .unwrap();
         Self(self.0.clone(), own)
     }
 }
@@ -141,7 +147,10 @@ fn benches(c: &mut Criterion) {
             .enable_all()
             .build()
             .unwrap();
-        let ours = Pool::builder(NoIoBackend).max_size(MAX_SIZE).build().unwrap();
+        let ours = Pool::builder(NoIoBackend)
+            .max_size(MAX_SIZE)
+            .build()
+            .unwrap();
         let bare: managed::Pool<NoIoManager> = managed::Pool::builder(NoIoManager)
             .max_size(MAX_SIZE)
             .build()
@@ -166,13 +175,17 @@ fn benches(c: &mut Criterion) {
 }
 
 fn criterion_dir() -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| PathBuf::from("target"), PathBuf::from);
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| PathBuf::from("target"), PathBuf::from);
     target.join("criterion")
 }
 
 /// Median time per iteration, in ns, from criterion's saved estimates.
 fn median_ns(group: &str, bench: &str) -> Option<f64> {
-    let path = criterion_dir().join(group).join(bench).join("new/estimates.json");
+    let path = criterion_dir()
+        .join(group)
+        .join(bench)
+        .join("new/estimates.json");
     let text = std::fs::read_to_string(path).ok()?;
     let json: serde_json::Value = serde_json::from_str(&text).ok()?;
     json["median"]["point_estimate"].as_f64()

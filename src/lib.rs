@@ -30,7 +30,7 @@
 //! - [`pool`]: [`Pool`], its handle [`Object`], configuration, errors and metrics.
 //! - [`backend`]: the [`Backend`] trait a database implements.
 //! - [`provider`]: the [`ContextProvider`] SPI that turns identities into contexts.
-//! - [`testing`] (feature `testing`): an in-process backend that models server session
+//! - `testing` (feature `testing`): an in-process backend that models server session
 //!   state, with fault injection, for property tests and benches.
 //!
 //! Dependencies point one way: backends and providers depend on the core, never the reverse.

@@ -57,7 +57,9 @@ pub enum ContextError {
         max: usize,
     },
     /// A data role is not a valid role name.
-    #[error("{0} is not a valid role name (letters, digits, `_` and `$`, not starting with a digit)")]
+    #[error(
+        "{0} is not a valid role name (letters, digits, `_` and `$`, not starting with a digit)"
+    )]
     InvalidDataRole(Field),
     /// The same data role is listed twice (compared case-insensitively).
     #[error("{0} repeats an earlier data role")]

@@ -157,11 +157,7 @@ impl<B: Backend> Pool<B> {
         &self,
         request: &ContextRequest,
     ) -> Result<SecurityContext, PoolError<B::Error>> {
-        let provider = self
-            .shared
-            .provider
-            .as_ref()
-            .ok_or(PoolError::NoProvider)?;
+        let provider = self.shared.provider.as_ref().ok_or(PoolError::NoProvider)?;
         let fetch = provider
             .security_context(request)
             .instrument(tracing::debug_span!("ctxpool.apply", identity = %request.identity));

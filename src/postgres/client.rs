@@ -160,7 +160,11 @@ impl fmt::Debug for ClientWrapper {
 }
 
 impl ClientWrapper {
-    pub(crate) fn new(client: Client, conn_task: JoinHandle<()>, config: Arc<ContextConfig>) -> Self {
+    pub(crate) fn new(
+        client: Client,
+        conn_task: JoinHandle<()>,
+        config: Arc<ContextConfig>,
+    ) -> Self {
         Self {
             client,
             conn_task,
@@ -298,7 +302,10 @@ impl ClientWrapper {
 
     /// The statement and what it may do; text is prepared first (as tokio-postgres does)
     /// so that only prepared statements travel in a pipeline.
-    async fn resolve<T: ?Sized + ToStatement>(&self, statement: &T) -> Result<(Statement, Effects), Error> {
+    async fn resolve<T: ?Sized + ToStatement>(
+        &self,
+        statement: &T,
+    ) -> Result<(Statement, Effects), Error> {
         match statement.to_statement() {
             StatementRef::Prepared(s) => Ok((s.clone(), self.effects_of(s))),
             StatementRef::Sql(sql) => {
@@ -348,7 +355,11 @@ impl ClientWrapper {
 
     /// Like [`prepare_typed`](Self::prepare_typed), but reuses a statement from the
     /// [`StatementCache`] when it can.
-    pub async fn prepare_typed_cached(&self, query: &str, types: &[Type]) -> Result<Statement, Error> {
+    pub async fn prepare_typed_cached(
+        &self,
+        query: &str,
+        types: &[Type],
+    ) -> Result<Statement, Error> {
         if let Some(statement) = self.statement_cache.get(query, types) {
             self.record(query);
             return Ok(statement);
@@ -359,7 +370,11 @@ impl ClientWrapper {
     }
 
     /// Like [`Client::query`].
-    pub async fn query<T>(&self, statement: &T, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>, Error>
+    pub async fn query<T>(
+        &self,
+        statement: &T,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, Error>
     where
         T: ?Sized + ToStatement,
     {
@@ -368,7 +383,11 @@ impl ClientWrapper {
     }
 
     /// Like [`Client::query_one`].
-    pub async fn query_one<T>(&self, statement: &T, params: &[&(dyn ToSql + Sync)]) -> Result<Row, Error>
+    pub async fn query_one<T>(
+        &self,
+        statement: &T,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Row, Error>
     where
         T: ?Sized + ToStatement,
     {
@@ -405,7 +424,11 @@ impl ClientWrapper {
     }
 
     /// Like [`Client::execute`].
-    pub async fn execute<T>(&self, statement: &T, params: &[&(dyn ToSql + Sync)]) -> Result<u64, Error>
+    pub async fn execute<T>(
+        &self,
+        statement: &T,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<u64, Error>
     where
         T: ?Sized + ToStatement,
     {
@@ -422,7 +445,8 @@ impl ClientWrapper {
         I::IntoIter: ExactSizeIterator,
     {
         let (statement, effects) = self.resolve(statement).await?;
-        self.run(effects, |c| c.execute_raw(&statement, params)).await
+        self.run(effects, |c| c.execute_raw(&statement, params))
+            .await
     }
 
     /// Like [`Client::query_typed`]: one unnamed statement, no prepare round trip, and
@@ -550,7 +574,10 @@ fn begin_options(begin: &str) -> Option<String> {
 }
 
 /// Sends the context statement, if there is a context to send.
-async fn sync_context(client: &Client, sync: Option<&(Arc<Mapped>, &'static bool)>) -> Result<(), Error> {
+async fn sync_context(
+    client: &Client,
+    sync: Option<&(Arc<Mapped>, &'static bool)>,
+) -> Result<(), Error> {
     match sync {
         Some((mapped, local)) => {
             let params = mapped.params(local);

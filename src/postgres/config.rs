@@ -47,8 +47,7 @@ use super::{Manager, Pool, PoolBuilder, PoolConfig, Runtime};
 ///     }
 /// }
 /// ```
-#[derive(Clone, Debug, Default)]
-#[derive(serde::Deserialize, serde::Serialize)]
+#[derive(Clone, Debug, Default, serde::Deserialize, serde::Serialize)]
 pub struct Config {
     /// Initialize the configuration by parsing the URL first.
     /// **Note**: All the other options override settings defined
@@ -97,7 +96,7 @@ pub struct Config {
     pub connect_timeout: Option<Duration>,
     /// See [`tokio_postgres::Config::keepalives`].
     pub keepalives: Option<bool>,
-        /// See [`tokio_postgres::Config::keepalives_idle`].
+    /// See [`tokio_postgres::Config::keepalives_idle`].
     pub keepalives_idle: Option<Duration>,
     /// See [`tokio_postgres::Config::target_session_attrs`].
     pub target_session_attrs: Option<TargetSessionAttrs>,
@@ -155,7 +154,7 @@ impl Config {
         Self::default()
     }
 
-        /// Creates a new [`Pool`] using this [`Config`].
+    /// Creates a new [`Pool`] using this [`Config`].
     ///
     /// # Errors
     ///
@@ -174,7 +173,7 @@ impl Config {
         builder.build().map_err(CreatePoolError::Build)
     }
 
-        /// Creates a new [`PoolBuilder`] using this [`Config`].
+    /// Creates a new [`PoolBuilder`] using this [`Config`].
     ///
     /// # Errors
     ///
@@ -274,7 +273,7 @@ impl Config {
         if let Some(keepalives) = self.keepalives {
             cfg.keepalives(keepalives);
         }
-                if let Some(keepalives_idle) = self.keepalives_idle {
+        if let Some(keepalives_idle) = self.keepalives_idle {
             cfg.keepalives_idle(keepalives_idle);
         }
         if let Some(mode) = self.ssl_mode {
@@ -305,8 +304,7 @@ impl Config {
 ///
 /// [`Fast`]: RecyclingMethod::Fast
 /// [`Verified`]: RecyclingMethod::Verified
-#[derive(Clone, Debug, Eq, PartialEq, Default)]
-#[derive(serde::Deserialize, serde::Serialize)]
+#[derive(Clone, Debug, Eq, PartialEq, Default, serde::Deserialize, serde::Serialize)]
 pub enum RecyclingMethod {
     /// Only run [`Client::is_closed()`][1] when recycling existing connections.
     ///
@@ -381,8 +379,7 @@ impl RecyclingMethod {
 /// should be used when retrieving existing objects from the [`Pool`].
 ///
 /// [`Manager`]: super::Manager
-#[derive(Clone, Debug, Default)]
-#[derive(serde::Deserialize, serde::Serialize)]
+#[derive(Clone, Debug, Default, serde::Deserialize, serde::Serialize)]
 pub struct ManagerConfig {
     /// Method of how a connection is recycled. See [`RecyclingMethod`].
     pub recycling_method: RecyclingMethod,
@@ -393,8 +390,7 @@ pub struct ManagerConfig {
 /// This is a 1:1 copy of the [`PgTargetSessionAttrs`] enumeration.
 /// This is duplicated here in order to add support for the
 /// [`serde::Deserialize`] trait which is required for the [`serde`] support.
-#[derive(Clone, Copy, Debug, Eq, PartialEq)]
-#[derive(serde::Deserialize, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Eq, PartialEq, serde::Deserialize, serde::Serialize)]
 #[non_exhaustive]
 pub enum TargetSessionAttrs {
     /// No special properties are required.
@@ -418,8 +414,7 @@ impl From<TargetSessionAttrs> for PgTargetSessionAttrs {
 /// This is a 1:1 copy of the [`PgSslMode`] enumeration.
 /// This is duplicated here in order to add support for the
 /// [`serde::Deserialize`] trait which is required for the [`serde`] support.
-#[derive(Clone, Copy, Debug, Eq, PartialEq)]
-#[derive(serde::Deserialize, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Eq, PartialEq, serde::Deserialize, serde::Serialize)]
 #[non_exhaustive]
 pub enum SslMode {
     /// Do not use TLS.
@@ -447,8 +442,7 @@ impl From<SslMode> for PgSslMode {
 /// This is a 1:1 copy of the [`PgChannelBinding`] enumeration.
 /// This is duplicated here in order to add support for the
 /// [`serde::Deserialize`] trait which is required for the [`serde`] support.
-#[derive(Clone, Copy, Debug, Eq, PartialEq)]
-#[derive(serde::Deserialize, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Eq, PartialEq, serde::Deserialize, serde::Serialize)]
 #[non_exhaustive]
 pub enum ChannelBinding {
     /// Do not use channel binding.
@@ -476,8 +470,7 @@ impl From<ChannelBinding> for PgChannelBinding {
 /// This is a 1:1 copy of the [`PgLoadBalanceHosts`] enumeration.
 /// This is duplicated here in order to add support for the
 /// [`serde::Deserialize`] trait which is required for the [`serde`] support.
-#[derive(Debug, Copy, Clone, PartialEq, Eq)]
-#[derive(serde::Deserialize, serde::Serialize)]
+#[derive(Debug, Copy, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[non_exhaustive]
 pub enum LoadBalanceHosts {
     /// Make connection attempts to hosts in the order provided.

@@ -34,12 +34,20 @@ pub trait GenericClient: Sync + private::Sealed {
         T: ?Sized + ToStatement + Sync + Send;
 
     /// Like `tokio_postgres::Client::query_one`.
-    async fn query_one<T>(&self, statement: &T, params: &[&(dyn ToSql + Sync)]) -> Result<Row, Error>
+    async fn query_one<T>(
+        &self,
+        statement: &T,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Row, Error>
     where
         T: ?Sized + ToStatement + Sync + Send;
 
     /// Like `tokio_postgres::Client::query_opt`.
-    async fn query_opt<T>(&self, statement: &T, params: &[&(dyn ToSql + Sync)]) -> Result<Option<Row>, Error>
+    async fn query_opt<T>(
+        &self,
+        statement: &T,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<Row>, Error>
     where
         T: ?Sized + ToStatement + Sync + Send;
 
@@ -55,7 +63,11 @@ pub trait GenericClient: Sync + private::Sealed {
     async fn prepare(&self, query: &str) -> Result<Statement, Error>;
 
     /// Like `tokio_postgres::Client::prepare_typed`.
-    async fn prepare_typed(&self, query: &str, parameter_types: &[Type]) -> Result<Statement, Error>;
+    async fn prepare_typed(
+        &self,
+        query: &str,
+        parameter_types: &[Type],
+    ) -> Result<Statement, Error>;
 
     /// Like [`ClientWrapper::prepare_cached`](super::ClientWrapper::prepare_cached).
     async fn prepare_cached(&self, query: &str) -> Result<Statement, Error>;
@@ -75,7 +87,11 @@ macro_rules! forward {
     ($ty:ty, $this:ident => $target:expr) => {
         #[async_trait]
         impl GenericClient for $ty {
-            async fn execute<T>(&self, query: &T, params: &[&(dyn ToSql + Sync)]) -> Result<u64, Error>
+            async fn execute<T>(
+                &self,
+                query: &T,
+                params: &[&(dyn ToSql + Sync)],
+            ) -> Result<u64, Error>
             where
                 T: ?Sized + ToStatement + Sync + Send,
             {
@@ -94,7 +110,11 @@ macro_rules! forward {
                 $target.execute_raw(statement, params).await
             }
 
-            async fn query<T>(&self, query: &T, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>, Error>
+            async fn query<T>(
+                &self,
+                query: &T,
+                params: &[&(dyn ToSql + Sync)],
+            ) -> Result<Vec<Row>, Error>
             where
                 T: ?Sized + ToStatement + Sync + Send,
             {
@@ -102,7 +122,11 @@ macro_rules! forward {
                 $target.query(query, params).await
             }
 
-            async fn query_one<T>(&self, statement: &T, params: &[&(dyn ToSql + Sync)]) -> Result<Row, Error>
+            async fn query_one<T>(
+                &self,
+                statement: &T,
+                params: &[&(dyn ToSql + Sync)],
+            ) -> Result<Row, Error>
             where
                 T: ?Sized + ToStatement + Sync + Send,
             {
@@ -110,7 +134,11 @@ macro_rules! forward {
                 $target.query_one(statement, params).await
             }
 
-            async fn query_opt<T>(&self, statement: &T, params: &[&(dyn ToSql + Sync)]) -> Result<Option<Row>, Error>
+            async fn query_opt<T>(
+                &self,
+                statement: &T,
+                params: &[&(dyn ToSql + Sync)],
+            ) -> Result<Option<Row>, Error>
             where
                 T: ?Sized + ToStatement + Sync + Send,
             {
@@ -134,7 +162,11 @@ macro_rules! forward {
                 $target.prepare(query).await
             }
 
-            async fn prepare_typed(&self, query: &str, parameter_types: &[Type]) -> Result<Statement, Error> {
+            async fn prepare_typed(
+                &self,
+                query: &str,
+                parameter_types: &[Type],
+            ) -> Result<Statement, Error> {
                 let $this = self;
                 $target.prepare_typed(query, parameter_types).await
             }
@@ -144,7 +176,11 @@ macro_rules! forward {
                 $target.prepare_cached(query).await
             }
 
-            async fn prepare_typed_cached(&self, query: &str, types: &[Type]) -> Result<Statement, Error> {
+            async fn prepare_typed_cached(
+                &self,
+                query: &str,
+                types: &[Type],
+            ) -> Result<Statement, Error> {
                 let $this = self;
                 $target.prepare_typed_cached(query, types).await
             }

@@ -15,7 +15,8 @@ use super::client::ClientWrapper;
 use super::config::{ManagerConfig, RecyclingMethod};
 use super::mapping::ContextConfig;
 
-type ConnectFuture<'a> = Pin<Box<dyn Future<Output = Result<(PgClient, JoinHandle<()>), Error>> + Send + 'a>>;
+type ConnectFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<(PgClient, JoinHandle<()>), Error>> + Send + 'a>>;
 
 /// Opens a connection; object-safe so that the manager is not generic over the TLS type.
 trait Connect: Send + Sync {

@@ -40,22 +40,17 @@ pub enum ContextScope {
 }
 
 /// Which database role the session runs as.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RoleMapping {
     /// Every end user runs as this role.
     Fixed(String),
     /// The first of the context's data roles.
+    #[default]
     FirstDataRole,
     /// A claim of the end user's token: a string, or an array whose first string is used.
     /// The token is decoded, not verified: enable token validation in the provider.
     TokenClaim(String),
-}
-
-impl Default for RoleMapping {
-    fn default() -> Self {
-        Self::FirstDataRole
-    }
 }
 
 /// How contexts map onto sessions: scope, role mapping and the role allow-list.
@@ -162,7 +157,10 @@ impl Mapped {
 }
 
 /// Maps `context` under `config`, or says why it cannot be.
-pub(crate) fn map(config: &ContextConfig, context: &SecurityContext) -> Result<Arc<Mapped>, MappingError> {
+pub(crate) fn map(
+    config: &ContextConfig,
+    context: &SecurityContext,
+) -> Result<Arc<Mapped>, MappingError> {
     let identity = context.identity();
     let claims = identity
         .token_secret()
@@ -220,7 +218,10 @@ pub(crate) fn map(config: &ContextConfig, context: &SecurityContext) -> Result<A
 
 /// The claims of a JWT, decoded but not verified.
 fn decode_claims(token: &str) -> Result<serde_json::Map<String, serde_json::Value>, MappingError> {
-    let payload = token.split('.').nth(1).ok_or(MappingError::TokenNotDecodable)?;
+    let payload = token
+        .split('.')
+        .nth(1)
+        .ok_or(MappingError::TokenNotDecodable)?;
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(payload.trim_end_matches('='))
         .map_err(|_| MappingError::TokenNotDecodable)?;

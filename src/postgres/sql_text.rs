@@ -24,8 +24,8 @@ pub(crate) enum TxControl {
 /// Statements that only read or write data. `EXECUTE`, `CALL`, `DO`, `SET`, `RESET`,
 /// `CREATE` (temp tables), `LISTEN`... are not on it.
 const DATA_STATEMENTS: &[&str] = &[
-    "select", "insert", "update", "delete", "with", "values", "table", "merge", "explain",
-    "copy", "show", "fetch", "move",
+    "select", "insert", "update", "delete", "with", "values", "table", "merge", "explain", "copy",
+    "show", "fetch", "move",
 ];
 
 pub(crate) fn effects(sql: &str) -> Effects {
@@ -104,7 +104,10 @@ mod tests {
         }
         assert_eq!(effects("BEGIN").tx, Some(TxControl::Begins));
         assert_eq!(effects("begin; select 1; commit").tx, Some(TxControl::Ends));
-        assert_eq!(effects("START TRANSACTION READ ONLY").tx, Some(TxControl::Begins));
+        assert_eq!(
+            effects("START TRANSACTION READ ONLY").tx,
+            Some(TxControl::Begins)
+        );
         assert_eq!(effects("select 1").tx, None);
     }
 }

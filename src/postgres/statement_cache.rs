@@ -17,12 +17,18 @@ pub struct StatementCache {
 impl StatementCache {
     /// How many statements are cached.
     pub fn size(&self) -> usize {
-        self.map.read().unwrap_or_else(PoisonError::into_inner).len()
+        self.map
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
     }
 
     /// Forgets every statement (they stay prepared on the server).
     pub fn clear(&self) {
-        self.map.write().unwrap_or_else(PoisonError::into_inner).clear();
+        self.map
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
     }
 
     /// Forgets one statement.

@@ -52,7 +52,11 @@ impl<'a> Transaction<'a> {
     }
 
     /// Runs one statement, counting it in flight until it completes.
-    async fn run<R>(&self, effects: Effects, fut: impl Future<Output = Result<R, Error>>) -> Result<R, Error> {
+    async fn run<R>(
+        &self,
+        effects: Effects,
+        fut: impl Future<Output = Result<R, Error>>,
+    ) -> Result<R, Error> {
         let in_flight = self.wrapper.in_flight();
         in_flight.fetch_add(1, Ordering::SeqCst);
         let result = fut.await;
@@ -61,7 +65,10 @@ impl<'a> Transaction<'a> {
         result
     }
 
-    async fn resolve<T: ?Sized + ToStatement>(&self, statement: &T) -> Result<(Statement, Effects), Error> {
+    async fn resolve<T: ?Sized + ToStatement>(
+        &self,
+        statement: &T,
+    ) -> Result<(Statement, Effects), Error> {
         match statement.to_statement() {
             StatementRef::Prepared(s) => Ok((s.clone(), self.wrapper.effects_of(s))),
             StatementRef::Sql(sql) => {
@@ -87,12 +94,20 @@ impl<'a> Transaction<'a> {
     }
 
     /// Like [`ClientWrapper::prepare_typed_cached`].
-    pub async fn prepare_typed_cached(&self, query: &str, types: &[Type]) -> Result<Statement, Error> {
+    pub async fn prepare_typed_cached(
+        &self,
+        query: &str,
+        types: &[Type],
+    ) -> Result<Statement, Error> {
         self.wrapper.prepare_typed_cached(query, types).await
     }
 
     /// Like [`tokio_postgres::Transaction::query`].
-    pub async fn query<T>(&self, statement: &T, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>, Error>
+    pub async fn query<T>(
+        &self,
+        statement: &T,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, Error>
     where
         T: ?Sized + ToStatement,
     {
@@ -101,21 +116,31 @@ impl<'a> Transaction<'a> {
     }
 
     /// Like [`tokio_postgres::Transaction::query_one`].
-    pub async fn query_one<T>(&self, statement: &T, params: &[&(dyn ToSql + Sync)]) -> Result<Row, Error>
+    pub async fn query_one<T>(
+        &self,
+        statement: &T,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Row, Error>
     where
         T: ?Sized + ToStatement,
     {
         let (s, e) = self.resolve(statement).await?;
-        self.run(e, self.wrapper.client().query_one(&s, params)).await
+        self.run(e, self.wrapper.client().query_one(&s, params))
+            .await
     }
 
     /// Like [`tokio_postgres::Transaction::query_opt`].
-    pub async fn query_opt<T>(&self, statement: &T, params: &[&(dyn ToSql + Sync)]) -> Result<Option<Row>, Error>
+    pub async fn query_opt<T>(
+        &self,
+        statement: &T,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<Row>, Error>
     where
         T: ?Sized + ToStatement,
     {
         let (s, e) = self.resolve(statement).await?;
-        self.run(e, self.wrapper.client().query_opt(&s, params)).await
+        self.run(e, self.wrapper.client().query_opt(&s, params))
+            .await
     }
 
     /// Like [`tokio_postgres::Transaction::query_raw`].
@@ -127,17 +152,29 @@ impl<'a> Transaction<'a> {
         I::IntoIter: ExactSizeIterator,
     {
         let (s, e) = self.resolve(statement).await?;
-        self.run(e, self.wrapper.client().query_raw(&s, params)).await
-    }
-
-    /// Like [`tokio_postgres::Transaction::query_typed`].
-    pub async fn query_typed(&self, query: &str, params: &[(&(dyn ToSql + Sync), Type)]) -> Result<Vec<Row>, Error> {
-        self.run(sql_text::effects(query), self.wrapper.client().query_typed(query, params))
+        self.run(e, self.wrapper.client().query_raw(&s, params))
             .await
     }
 
+    /// Like [`tokio_postgres::Transaction::query_typed`].
+    pub async fn query_typed(
+        &self,
+        query: &str,
+        params: &[(&(dyn ToSql + Sync), Type)],
+    ) -> Result<Vec<Row>, Error> {
+        self.run(
+            sql_text::effects(query),
+            self.wrapper.client().query_typed(query, params),
+        )
+        .await
+    }
+
     /// Like [`tokio_postgres::Transaction::execute`].
-    pub async fn execute<T>(&self, statement: &T, params: &[&(dyn ToSql + Sync)]) -> Result<u64, Error>
+    pub async fn execute<T>(
+        &self,
+        statement: &T,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<u64, Error>
     where
         T: ?Sized + ToStatement,
     {
@@ -154,19 +191,26 @@ impl<'a> Transaction<'a> {
         I::IntoIter: ExactSizeIterator,
     {
         let (s, e) = self.resolve(statement).await?;
-        self.run(e, self.wrapper.client().execute_raw(&s, params)).await
+        self.run(e, self.wrapper.client().execute_raw(&s, params))
+            .await
     }
 
     /// Like [`tokio_postgres::Transaction::batch_execute`].
     pub async fn batch_execute(&self, query: &str) -> Result<(), Error> {
-        self.run(sql_text::effects(query), self.wrapper.client().batch_execute(query))
-            .await
+        self.run(
+            sql_text::effects(query),
+            self.wrapper.client().batch_execute(query),
+        )
+        .await
     }
 
     /// Like [`tokio_postgres::Transaction::simple_query`].
     pub async fn simple_query(&self, query: &str) -> Result<Vec<SimpleQueryMessage>, Error> {
-        self.run(sql_text::effects(query), self.wrapper.client().simple_query(query))
-            .await
+        self.run(
+            sql_text::effects(query),
+            self.wrapper.client().simple_query(query),
+        )
+        .await
     }
 
     /// Like [`tokio_postgres::Transaction::copy_in`].
@@ -195,7 +239,12 @@ impl<'a> Transaction<'a> {
             Some(name) => format!("RELEASE {name}"),
             None => "COMMIT".to_owned(),
         };
-        let result = self.run(Effects::default(), self.wrapper.client().batch_execute(&sql)).await;
+        let result = self
+            .run(
+                Effects::default(),
+                self.wrapper.client().batch_execute(&sql),
+            )
+            .await;
         self.finish(result.is_ok());
         result
     }
@@ -207,7 +256,12 @@ impl<'a> Transaction<'a> {
             Some(name) => format!("ROLLBACK TO {name}"),
             None => "ROLLBACK".to_owned(),
         };
-        let result = self.run(Effects::default(), self.wrapper.client().batch_execute(&sql)).await;
+        let result = self
+            .run(
+                Effects::default(),
+                self.wrapper.client().batch_execute(&sql),
+            )
+            .await;
         self.finish(false);
         result
     }
@@ -223,8 +277,11 @@ impl<'a> Transaction<'a> {
         let name = format!("\"{}\"", name.into().replace('"', "\"\""));
         let depth = self.depth + 1;
         let sql = format!("SAVEPOINT {name}");
-        self.run(Effects::default(), self.wrapper.client().batch_execute(&sql))
-            .await?;
+        self.run(
+            Effects::default(),
+            self.wrapper.client().batch_execute(&sql),
+        )
+        .await?;
         Ok(Transaction {
             wrapper: &mut *self.wrapper,
             savepoint: Some(name),
