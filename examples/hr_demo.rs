@@ -27,9 +27,24 @@ struct User {
 }
 
 const USERS: [User; 3] = [
-    User { name: "alice", role: "hr_employee", emp_id: 3, org_id: 5 },
-    User { name: "bob", role: "hr_manager", emp_id: 4, org_id: 7 },
-    User { name: "dana", role: "hr_manager", emp_id: 1, org_id: 5 },
+    User {
+        name: "alice",
+        role: "hr_employee",
+        emp_id: 3,
+        org_id: 5,
+    },
+    User {
+        name: "bob",
+        role: "hr_manager",
+        emp_id: 4,
+        org_id: 7,
+    },
+    User {
+        name: "dana",
+        role: "hr_manager",
+        emp_id: 1,
+        org_id: 5,
+    },
 ];
 
 fn context(u: &User) -> SecurityContext {
@@ -43,8 +58,12 @@ fn context(u: &User) -> SecurityContext {
 /// What each user's policies allow, computed independently of the database.
 fn expected(u: Option<&User>) -> Vec<&'static str> {
     const ROWS: [(i32, &str, i32); 6] = [
-        (1, "Ada", 5), (2, "Grace", 5), (3, "Alan", 5),
-        (4, "Edsger", 7), (5, "Barbara", 7), (6, "Donald", 9),
+        (1, "Ada", 5),
+        (2, "Grace", 5),
+        (3, "Alan", 5),
+        (4, "Edsger", 7),
+        (5, "Barbara", 7),
+        (6, "Donald", 9),
     ];
     ROWS.iter()
         .filter(|(id, _, org)| match u {
@@ -74,7 +93,9 @@ async fn names(pool: &Pool, who: Option<&SecurityContext>) -> Vec<String> {
 fn pool(url: &str, scope: ContextScope) -> Pool {
     let mut cfg = Config::new();
     cfg.url = Some(url.to_owned());
-    cfg.manager = Some(ManagerConfig { recycling_method: RecyclingMethod::Fast });
+    cfg.manager = Some(ManagerConfig {
+        recycling_method: RecyclingMethod::Fast,
+    });
     cfg.pool = Some(PoolConfig::new(8));
     cfg.context = Some(
         ContextConfig::new(RoleMapping::FirstDataRole, ["hr_employee", "hr_manager"]).scope(scope),
@@ -103,7 +124,9 @@ async fn main() {
     // Keep the cluster alive for the whole demo; dropping it stops the server.
     let (_cluster, app_url, place) = match std::env::var("DATABASE_URL") {
         Ok(admin) => {
-            let (client, conn) = tokio_postgres::connect(&admin, NoTls).await.expect("DATABASE_URL");
+            let (client, conn) = tokio_postgres::connect(&admin, NoTls)
+                .await
+                .expect("DATABASE_URL");
             tokio::spawn(conn);
             client
                 .batch_execute(
@@ -113,9 +136,14 @@ async fn main() {
                 )
                 .await
                 .expect("reset the demo schema");
-            ctxpool::postgres::install_helpers(&client).await.expect("helpers");
+            ctxpool::postgres::install_helpers(&client)
+                .await
+                .expect("helpers");
             client.batch_execute(HR_SQL).await.expect("HR schema");
-            client.batch_execute("ALTER ROLE hr_app PASSWORD 'hr-demo'").await.expect("password");
+            client
+                .batch_execute("ALTER ROLE hr_app PASSWORD 'hr-demo'")
+                .await
+                .expect("password");
             let mut cfg: tokio_postgres::Config = admin.parse().expect("DATABASE_URL");
             cfg.user("hr_app").password("hr-demo");
             let host = match cfg.get_hosts().first() {
@@ -124,7 +152,11 @@ async fn main() {
             };
             let port = cfg.get_ports().first().copied().unwrap_or(5432);
             let db = cfg.get_dbname().unwrap_or("postgres").to_owned();
-            (None, format!("postgres://hr_app:hr-demo@{host}:{port}/{db}"), "DATABASE_URL".to_owned())
+            (
+                None,
+                format!("postgres://hr_app:hr-demo@{host}:{port}/{db}"),
+                "DATABASE_URL".to_owned(),
+            )
         }
         Err(_) => {
             let cluster = match PgCluster::start() {
@@ -135,8 +167,12 @@ async fn main() {
                 }
                 Err(e) => panic!("could not start a throwaway PostgreSQL: {e}"),
             };
-            cluster.psql("postgres", "CREATE DATABASE hr").expect("database");
-            cluster.psql("hr", ctxpool::postgres::HELPERS_SQL).expect("helpers");
+            cluster
+                .psql("postgres", "CREATE DATABASE hr")
+                .expect("database");
+            cluster
+                .psql("hr", ctxpool::postgres::HELPERS_SQL)
+                .expect("helpers");
             cluster.psql("hr", HR_SQL).expect("HR schema");
             let url = cluster.url("hr_app", "hr");
             let place = format!("throwaway cluster on 127.0.0.1:{}", cluster.port());
@@ -151,13 +187,20 @@ async fn main() {
     println!("|---------------|-------------|----------------------|----------------------------|");
     let seen = names(&pool, None).await;
     assert!(seen.is_empty(), "no identity must see nothing");
-    println!("| (no identity) | -           | -                    | {:<26} |", "nothing");
+    println!(
+        "| (no identity) | -           | -                    | {:<26} |",
+        "nothing"
+    );
     for u in &USERS {
         let seen = names(&pool, Some(&context(u))).await;
         assert_eq!(seen, expected(Some(u)), "{} saw the wrong rows", u.name);
         println!(
             "| {:<13} | {:<11} | emp_id={} org_id={:<3} | {:<26} |",
-            u.name, u.role, u.emp_id, u.org_id, seen.join(", ")
+            u.name,
+            u.role,
+            u.emp_id,
+            u.org_id,
+            seen.join(", ")
         );
     }
 
@@ -178,7 +221,10 @@ async fn main() {
             right += 1;
         }
     }
-    println!("\n100 concurrent mixed requests through one pool of 8: {right} right, {} wrong", 100 - right);
+    println!(
+        "\n100 concurrent mixed requests through one pool of 8: {right} right, {} wrong",
+        100 - right
+    );
     assert_eq!(right, 100);
 
     // The per-query cost of a context, on this machine.
@@ -187,8 +233,14 @@ async fn main() {
     let mut line = Vec::new();
     for scope in [ContextScope::Transaction, ContextScope::Session] {
         let pool = self::pool(&app_url, scope);
-        let plain = median(runs, || async { names(&pool, None).await; }).await;
-        let ctx = median(runs, || async { names(&pool, Some(&alice)).await; }).await;
+        let plain = median(runs, || async {
+            names(&pool, None).await;
+        })
+        .await;
+        let ctx = median(runs, || async {
+            names(&pool, Some(&alice)).await;
+        })
+        .await;
         line.push(format!(
             "{scope:?} scope: plain get+query {:.0} µs, acquire_as+query {:.0} µs ({:.2}×)",
             plain.as_secs_f64() * 1e6,
@@ -196,7 +248,9 @@ async fn main() {
             ctx.as_secs_f64() / plain.as_secs_f64()
         ));
     }
-    println!("\nper-query overhead of the context (median of {runs}, prepared statement, loopback):");
+    println!(
+        "\nper-query overhead of the context (median of {runs}, prepared statement, loopback):"
+    );
     for l in line {
         println!("  {l}");
     }

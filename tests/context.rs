@@ -43,9 +43,15 @@ fn identity_and_token_must_be_real_text() {
         (EndUserIdentity::token(" \t "), Field::EndUserToken),
         (EndUserIdentity::named("", None), Field::EndUserName),
         (EndUserIdentity::named("  ", None), Field::EndUserName),
-        (EndUserIdentity::named("bob", Some(String::new())), Field::EndUserKey),
+        (
+            EndUserIdentity::named("bob", Some(String::new())),
+            Field::EndUserKey,
+        ),
     ] {
-        assert_eq!(build(identity, TOKEN).unwrap_err(), ContextError::Empty(field));
+        assert_eq!(
+            build(identity, TOKEN).unwrap_err(),
+            ContextError::Empty(field)
+        );
     }
     assert_eq!(
         build(alice(), "   ").unwrap_err(),
@@ -62,7 +68,11 @@ fn identity_and_token_must_be_real_text() {
     let long = "x".repeat(257);
     assert!(matches!(
         build(EndUserIdentity::named(long, None), TOKEN).unwrap_err(),
-        ContextError::TooLong { field: Field::EndUserName, len: 257, max: 256 }
+        ContextError::TooLong {
+            field: Field::EndUserName,
+            len: 257,
+            max: 256
+        }
     ));
 }
 
@@ -77,12 +87,18 @@ fn data_roles_are_identifiers_without_repeats() {
         );
     }
     assert_eq!(
-        base().data_roles(["hr_role", "HR_ROLE"]).build().unwrap_err(),
+        base()
+            .data_roles(["hr_role", "HR_ROLE"])
+            .build()
+            .unwrap_err(),
         ContextError::DuplicateDataRole(Field::DataRole(1))
     );
     assert!(matches!(
         base().data_roles(["r".repeat(129)]).build().unwrap_err(),
-        ContextError::TooLong { field: Field::DataRole(0), .. }
+        ContextError::TooLong {
+            field: Field::DataRole(0),
+            ..
+        }
     ));
     assert!(base().data_roles(["_r$1", "Reader"]).build().is_ok());
 }
@@ -91,10 +107,16 @@ fn data_roles_are_identifiers_without_repeats() {
 fn attributes_are_checked() {
     let attrs = |v| Attributes::from_json(v).unwrap_err();
     assert_eq!(attrs(json!([1])), ContextError::AttributesNotObject);
-    assert_eq!(attrs(json!({"hr.ctx": 3})), ContextError::AttributesNotObject);
+    assert_eq!(
+        attrs(json!({"hr.ctx": 3})),
+        ContextError::AttributesNotObject
+    );
     for key in ["hr", "hr.ctx.extra", ".ctx", "hr.", "1hr.ctx", "hr.c-tx"] {
         assert!(
-            matches!(attrs(json!({key: {}})), ContextError::InvalidAttributeKey { .. }),
+            matches!(
+                attrs(json!({key: {}})),
+                ContextError::InvalidAttributeKey { .. }
+            ),
             "{key}"
         );
     }
@@ -148,7 +170,13 @@ fn encoded_size_is_capped_at_65535() {
         .attributes(json!({"hr.ctx": {"big": value}}))
         .build()
         .unwrap_err();
-    assert!(matches!(err, ContextError::TooLarge { max: MAX_ENCODED_LEN, .. }));
+    assert!(matches!(
+        err,
+        ContextError::TooLarge {
+            max: MAX_ENCODED_LEN,
+            ..
+        }
+    ));
 
     // Just under the limit builds, one byte more does not.
     let probe = SecurityContext::builder(alice(), TOKEN)
@@ -215,7 +243,9 @@ fn secrets_never_show() {
         build(EndUserIdentity::token(format!("{USER_TOKEN}\n")), TOKEN)
             .unwrap_err()
             .to_string(),
-        build(alice(), &format!("{TOKEN}\u{7}")).unwrap_err().to_string(),
+        build(alice(), &format!("{TOKEN}\u{7}"))
+            .unwrap_err()
+            .to_string(),
         build(EndUserIdentity::named("a", Some(format!("{KEY}\0"))), TOKEN)
             .unwrap_err()
             .to_string(),

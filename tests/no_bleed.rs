@@ -11,7 +11,9 @@ use std::sync::{Arc, Mutex, Once};
 use std::task::{Context, Poll};
 
 use ctxpool::testing::{MemBackend, MemError, MemServer, Observation, Statement};
-use ctxpool::{ContextRequest, EndUserIdentity, Pool, SecurityContext, provider::StaticTokenProvider};
+use ctxpool::{
+    ContextRequest, EndUserIdentity, Pool, SecurityContext, provider::StaticTokenProvider,
+};
 use proptest::prelude::*;
 
 const IDENTITIES: usize = 4;
@@ -169,7 +171,13 @@ impl World {
     }
 
     /// Checks one statement's result against the context the handle should carry.
-    fn check(&self, at: &str, result: &Result<Observation, MemError>, expected: Option<usize>, role_tampered: bool) {
+    fn check(
+        &self,
+        at: &str,
+        result: &Result<Observation, MemError>,
+        expected: Option<usize>,
+        role_tampered: bool,
+    ) {
         let refused = self.refuse && expected == Some(REFUSABLE);
         match result {
             Ok(obs) => {
@@ -181,14 +189,20 @@ impl World {
                 let want_roles = expected.map(roles).unwrap_or_default();
                 let want_role = want_roles.first().cloned();
                 if obs.end_user != want_user || obs.data_roles != want_roles {
-                    self.violation(format!("{at}: expected {want_user:?} {want_roles:?}, observed {obs:?}"));
+                    self.violation(format!(
+                        "{at}: expected {want_user:?} {want_roles:?}, observed {obs:?}"
+                    ));
                 }
                 if !role_tampered && obs.role != want_role {
-                    self.violation(format!("{at}: expected role {want_role:?}, observed {obs:?}"));
+                    self.violation(format!(
+                        "{at}: expected role {want_role:?}, observed {obs:?}"
+                    ));
                 }
             }
             Err(MemError::ContextRefused) if !refused => {
-                self.violation(format!("{at}: context refused for an accepted identity {expected:?}"));
+                self.violation(format!(
+                    "{at}: context refused for an accepted identity {expected:?}"
+                ));
             }
             Err(_) => {}
         }
@@ -218,13 +232,18 @@ async fn run_task(world: Arc<World>, index: usize, task: Task) {
         Acquire::Plain => None,
         Acquire::AsContext(i) | Acquire::AsIdentity(i) => Some(i),
     };
-    if conn.end_user_security_context().map(|c| c.identity().name().map(str::to_owned)) != expected.map(|i| Some(name(i))) {
+    if conn
+        .end_user_security_context()
+        .map(|c| c.identity().name().map(str::to_owned))
+        != expected.map(|i| Some(name(i)))
+    {
         world.violation(format!("task {index}: handle carries the wrong context"));
     }
     for (step, op) in task.ops.into_iter().enumerate() {
         let statement = match op {
             Op::Set(i) => {
-                conn.set_end_user_security_context(&world.contexts[i]).unwrap();
+                conn.set_end_user_security_context(&world.contexts[i])
+                    .unwrap();
                 expected = Some(i);
                 continue;
             }

@@ -93,12 +93,17 @@ struct RolesProvider {
 
 #[async_trait]
 impl ContextProvider for RolesProvider {
-    async fn security_context(&self, req: &ContextRequest) -> Result<SecurityContext, ProviderError> {
+    async fn security_context(
+        &self,
+        req: &ContextRequest,
+    ) -> Result<SecurityContext, ProviderError> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         let roles = req.data_roles.clone().unwrap_or_else(|| self.roles.clone());
-        Ok(SecurityContext::builder(req.identity.clone(), "provider-token")
-            .data_roles(roles)
-            .build()?)
+        Ok(
+            SecurityContext::builder(req.identity.clone(), "provider-token")
+                .data_roles(roles)
+                .build()?,
+        )
     }
 }
 
@@ -173,7 +178,11 @@ fn release_clears_and_the_next_statement_resets_in_the_same_flight() {
         let obs = conn.query().await.unwrap();
         assert_eq!((obs.end_user, obs.role), (None, None));
         let after = server.stats();
-        assert_eq!(after.flights - before.flights, 1, "the reset costs no flight");
+        assert_eq!(
+            after.flights - before.flights,
+            1,
+            "the reset costs no flight"
+        );
         assert_eq!(after.statements - before.statements, 2, "reset + query");
         assert_eq!(after.connects, 1, "the connection was reused");
     });
@@ -185,7 +194,12 @@ fn the_same_context_coming_back_costs_nothing() {
         let server = MemServer::new();
         let pool = pool(&server, 1);
         let alice = ctx("alice", &[]);
-        pool.acquire_as(&alice).await.unwrap().query().await.unwrap();
+        pool.acquire_as(&alice)
+            .await
+            .unwrap()
+            .query()
+            .await
+            .unwrap();
         let mut conn = pool.acquire_as(&alice).await.unwrap();
         let before = server.stats().statements;
         conn.query().await.unwrap();
@@ -214,7 +228,10 @@ fn identities_need_a_provider_and_fail_closed() {
             .acquire_as(EndUserIdentity::token("SECRET-user-token"))
             .await
             .unwrap_err();
-        assert!(matches!(err, PoolError::Provider(ProviderError::Refused { status: 400, .. })));
+        assert!(matches!(
+            err,
+            PoolError::Provider(ProviderError::Refused { status: 400, .. })
+        ));
         assert!(!format!("{err} {err:?}").contains("SECRET"));
         assert_eq!(failing.status().size, 0);
     });
@@ -294,14 +311,20 @@ fn each_timeout_has_its_own_error() {
 
         let held = pool.get().await.unwrap();
         let err = pool.get().await.unwrap_err();
-        assert!(matches!(err, PoolError::Timeout(TimeoutType::Wait)), "{err}");
+        assert!(
+            matches!(err, PoolError::Timeout(TimeoutType::Wait)),
+            "{err}"
+        );
         drop(held);
 
         let err = pool
             .acquire_as(EndUserIdentity::named("a", None))
             .await
             .unwrap_err();
-        assert!(matches!(err, PoolError::Timeout(TimeoutType::Apply)), "{err}");
+        assert!(
+            matches!(err, PoolError::Timeout(TimeoutType::Apply)),
+            "{err}"
+        );
 
         // A recycle that hangs discards that connection; the acquirer gets a new one.
         server.hang_recycles(true);
@@ -313,7 +336,10 @@ fn each_timeout_has_its_own_error() {
         pool.retain(|_, _| false);
         server.hang_connects(true);
         let err = pool.get().await.unwrap_err();
-        assert!(matches!(err, PoolError::Timeout(TimeoutType::Create)), "{err}");
+        assert!(
+            matches!(err, PoolError::Timeout(TimeoutType::Create)),
+            "{err}"
+        );
         server.hang_connects(false);
         assert!(pool.get().await.is_ok());
     });
@@ -321,7 +347,10 @@ fn each_timeout_has_its_own_error() {
     assert_eq!(counters.get("ctxpool_timeouts_total{kind=apply}"), 1);
     assert_eq!(counters.get("ctxpool_timeouts_total{kind=recycle}"), 1);
     assert_eq!(counters.get("ctxpool_timeouts_total{kind=create}"), 1);
-    assert_eq!(counters.get("ctxpool_discarded_total{reason=recycle_timeout}"), 1);
+    assert_eq!(
+        counters.get("ctxpool_discarded_total{reason=recycle_timeout}"),
+        1
+    );
 }
 
 #[test]
@@ -386,7 +415,13 @@ fn unsafe_releases_discard_and_count_the_reason() {
         assert_eq!(server.stats().connects, 6);
         assert_eq!(server.stats().live_sessions, 1);
     });
-    for reason in ["open_transaction", "failed_transaction", "lost", "in_flight", "panicked"] {
+    for reason in [
+        "open_transaction",
+        "failed_transaction",
+        "lost",
+        "in_flight",
+        "panicked",
+    ] {
         assert_eq!(
             counters.get(&format!("ctxpool_discarded_total{{reason={reason}}}")),
             1,
@@ -449,7 +484,11 @@ fn status_resize_close_retain_take() {
         conn.query().await.unwrap();
         let mut raw = ctxpool::Object::take(conn);
         assert_eq!(pool.status().size, 0, "taken out of the pool");
-        assert_eq!(raw.query().await.unwrap().end_user, None, "taken without the context");
+        assert_eq!(
+            raw.query().await.unwrap().end_user,
+            None,
+            "taken without the context"
+        );
 
         pool.close();
         assert!(pool.is_closed());
@@ -477,5 +516,8 @@ fn builder_refuses_zero_sizes_and_timeouts() {
         })
         .build()
         .unwrap_err();
-    assert_eq!(err, ctxpool::pool::BuildError::ZeroTimeout(TimeoutType::Recycle));
+    assert_eq!(
+        err,
+        ctxpool::pool::BuildError::ZeroTimeout(TimeoutType::Recycle)
+    );
 }

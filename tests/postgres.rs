@@ -18,21 +18,39 @@ async fn each_end_user_sees_only_their_rows_and_no_identity_sees_none() {
     for scope in SCOPES {
         let pool = pool(&cluster.url("hr_app", "hr"), scope, 2);
         let plain = pool.get().await.unwrap();
-        assert!(plain.query(LIST, &[]).await.unwrap().is_empty(), "{scope:?}");
+        assert!(
+            plain.query(LIST, &[]).await.unwrap().is_empty(),
+            "{scope:?}"
+        );
         drop(plain);
 
         let a = pool.acquire_as(&alice()).await.unwrap();
-        assert_eq!(names(&a.query(LIST, &[]).await.unwrap()), ["Alan"], "{scope:?}");
+        assert_eq!(
+            names(&a.query(LIST, &[]).await.unwrap()),
+            ["Alan"],
+            "{scope:?}"
+        );
         drop(a);
         let b = pool.acquire_as(&bob()).await.unwrap();
-        assert_eq!(names(&b.query(LIST, &[]).await.unwrap()), ["Barbara", "Edsger"], "{scope:?}");
+        assert_eq!(
+            names(&b.query(LIST, &[]).await.unwrap()),
+            ["Barbara", "Edsger"],
+            "{scope:?}"
+        );
         drop(b);
 
         // After both, the same connections serve a plain handle with nothing visible.
         for _ in 0..2 {
             let plain = pool.get().await.unwrap();
-            assert!(plain.query(LIST, &[]).await.unwrap().is_empty(), "{scope:?}");
-            let who: String = plain.query_one("SELECT current_user::text", &[]).await.unwrap().get(0);
+            assert!(
+                plain.query(LIST, &[]).await.unwrap().is_empty(),
+                "{scope:?}"
+            );
+            let who: String = plain
+                .query_one("SELECT current_user::text", &[])
+                .await
+                .unwrap()
+                .get(0);
             assert_eq!(who, "hr_app");
         }
     }
@@ -47,8 +65,19 @@ async fn every_query_method_carries_the_context() {
         let mut c = pool.acquire_as(&bob()).await.unwrap();
         let stmt = c.prepare_cached(LIST).await.unwrap();
         assert_eq!(c.query(&stmt, &[]).await.unwrap().len(), 2);
-        assert_eq!(c.query_one("SELECT count(*) FROM hr.employees", &[]).await.unwrap().get::<_, i64>(0), 2);
-        assert!(c.query_opt("SELECT name FROM hr.employees WHERE id = 1", &[]).await.unwrap().is_none());
+        assert_eq!(
+            c.query_one("SELECT count(*) FROM hr.employees", &[])
+                .await
+                .unwrap()
+                .get::<_, i64>(0),
+            2
+        );
+        assert!(
+            c.query_opt("SELECT name FROM hr.employees WHERE id = 1", &[])
+                .await
+                .unwrap()
+                .is_none()
+        );
         let streamed: Vec<_> = c
             .query_raw(&stmt, std::iter::empty::<i32>())
             .await
@@ -57,23 +86,44 @@ async fn every_query_method_carries_the_context() {
             .await
             .unwrap();
         assert_eq!(streamed.len(), 2);
-        assert_eq!(c.execute("UPDATE hr.employees SET salary = salary + 1", &[]).await.unwrap(), 2);
-        assert_eq!(c.execute_raw(&stmt, std::iter::empty::<i32>()).await.unwrap(), 2);
+        assert_eq!(
+            c.execute("UPDATE hr.employees SET salary = salary + 1", &[])
+                .await
+                .unwrap(),
+            2
+        );
+        assert_eq!(
+            c.execute_raw(&stmt, std::iter::empty::<i32>())
+                .await
+                .unwrap(),
+            2
+        );
         let typed = c
-            .query_typed("SELECT name FROM hr.employees WHERE org_id = $1", &[(&7i32, tokio_postgres::types::Type::INT4)])
+            .query_typed(
+                "SELECT name FROM hr.employees WHERE org_id = $1",
+                &[(&7i32, tokio_postgres::types::Type::INT4)],
+            )
             .await
             .unwrap();
         assert_eq!(typed.len(), 2);
-        let simple = c.simple_query("SELECT name FROM hr.employees").await.unwrap();
+        let simple = c
+            .simple_query("SELECT name FROM hr.employees")
+            .await
+            .unwrap();
         let rows = simple
             .iter()
             .filter(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_)))
             .count();
         assert_eq!(rows, 2);
-        c.batch_execute("INSERT INTO hr.audit VALUES (current_setting('ctxpool.end_user'), 'batch')")
+        c.batch_execute(
+            "INSERT INTO hr.audit VALUES (current_setting('ctxpool.end_user'), 'batch')",
+        )
+        .await
+        .unwrap();
+        let out = c
+            .copy_out("COPY (SELECT name FROM hr.employees) TO STDOUT")
             .await
             .unwrap();
-        let out = c.copy_out("COPY (SELECT name FROM hr.employees) TO STDOUT").await.unwrap();
         let bytes: Vec<_> = out.collect::<Vec<_>>().await;
         assert_eq!(bytes.len(), 2, "two COPY rows");
         {
@@ -90,11 +140,17 @@ async fn every_query_method_carries_the_context() {
                 .await
                 .unwrap();
             assert_eq!(tx.query(LIST, &[]).await.unwrap().len(), 2);
-            let level: String = tx.query_one("SHOW transaction_isolation", &[]).await.unwrap().get(0);
+            let level: String = tx
+                .query_one("SHOW transaction_isolation", &[])
+                .await
+                .unwrap()
+                .get(0);
             assert_eq!(level, "repeatable read");
         }
         drop(c);
-        let audit = cluster.psql("hr", "SELECT who FROM hr.audit WHERE what = 'batch'").unwrap();
+        let audit = cluster
+            .psql("hr", "SELECT who FROM hr.audit WHERE what = 'batch'")
+            .unwrap();
         assert!(audit.lines().all(|w| w == "bob"), "{audit}");
         cluster.psql("hr", "DELETE FROM hr.audit").unwrap();
     }
@@ -109,17 +165,27 @@ async fn a_context_that_cannot_be_applied_never_runs_the_statement() {
         // the role, so the INSERT must not run at all, under no role.
         let c = pool.acquire_as(&carol_auditor()).await.unwrap();
         let err = c
-            .execute("INSERT INTO hr.audit VALUES ('carol', 'must not exist')", &[])
+            .execute(
+                "INSERT INTO hr.audit VALUES ('carol', 'must not exist')",
+                &[],
+            )
             .await
             .unwrap_err();
         let code = err.code().map(|c| c.code().to_owned());
-        assert_eq!(code.as_deref(), Some("42501"), "the context error, not a later one: {err}");
+        assert_eq!(
+            code.as_deref(),
+            Some("42501"),
+            "the context error, not a later one: {err}"
+        );
         // Explicit transactions fail closed too.
         drop(c);
         let mut c = pool.acquire_as(&carol_auditor()).await.unwrap();
         assert!(c.transaction().await.is_err());
         c.clear_end_user_security_context();
-        assert_eq!(c.query_one("SELECT 1", &[]).await.unwrap().get::<_, i32>(0), 1);
+        assert_eq!(
+            c.query_one("SELECT 1", &[]).await.unwrap().get::<_, i32>(0),
+            1
+        );
         drop(c);
         let rows = cluster.psql("hr", "SELECT count(*) FROM hr.audit").unwrap();
         assert_eq!(rows.trim(), "0", "{scope:?}: the statement ran");
@@ -130,7 +196,11 @@ async fn a_context_that_cannot_be_applied_never_runs_the_statement() {
 async fn roles_outside_the_allow_list_are_refused_before_any_sql() {
     let cluster = hr_cluster();
     let proxy = FlightProxy::start(addr(&cluster), std::time::Duration::ZERO).unwrap();
-    let pool = pool(&format!("postgres://hr_app@127.0.0.1:{}/hr", proxy.port()), ContextScope::Transaction, 1);
+    let pool = pool(
+        &format!("postgres://hr_app@127.0.0.1:{}/hr", proxy.port()),
+        ContextScope::Transaction,
+        1,
+    );
     let warm = pool.get().await.unwrap();
     drop(warm);
     proxy.reset_flights();
@@ -143,7 +213,10 @@ async fn roles_outside_the_allow_list_are_refused_before_any_sql() {
     let mut c = pool.get().await.unwrap();
     let err = c.set_end_user_security_context(&superuser).unwrap_err();
     assert_eq!(err, MappingError::RoleNotAllowed("postgres".into()));
-    assert!(c.end_user_security_context().is_none(), "a refused context leaves none");
+    assert!(
+        c.end_user_security_context().is_none(),
+        "a refused context leaves none"
+    );
     assert_eq!(proxy.flights(), 0, "no SQL was sent");
 }
 
@@ -177,14 +250,21 @@ async fn a_context_costs_no_round_trip() {
         c.query(&stmt, &[]).await.unwrap();
         assert_eq!(proxy.flights(), 2 * baseline, "{scope:?}: a second query");
         drop(c);
-        assert_eq!(proxy.flights(), 2 * baseline, "{scope:?}: release sends nothing");
+        assert_eq!(
+            proxy.flights(),
+            2 * baseline,
+            "{scope:?}: release sends nothing"
+        );
 
         proxy.reset_flights();
         let c = pool.get().await.unwrap();
         assert!(c.query(&stmt, &[]).await.unwrap().is_empty());
-        assert_eq!(proxy.flights(), baseline, "{scope:?}: plain get after a context checkout");
+        assert_eq!(
+            proxy.flights(),
+            baseline,
+            "{scope:?}: plain get after a context checkout"
+        );
         drop(c);
-
     }
 }
 
@@ -192,7 +272,11 @@ async fn a_context_costs_no_round_trip() {
 async fn session_scope_affinity_sends_nothing_for_the_same_context() {
     let cluster = hr_cluster();
     let proxy = FlightProxy::start(addr(&cluster), std::time::Duration::ZERO).unwrap();
-    let pool = pool(&format!("postgres://hr_app@127.0.0.1:{}/hr", proxy.port()), ContextScope::Session, 1);
+    let pool = pool(
+        &format!("postgres://hr_app@127.0.0.1:{}/hr", proxy.port()),
+        ContextScope::Session,
+        1,
+    );
     let alice = alice();
     let c = pool.acquire_as(&alice).await.unwrap();
     let stmt = c.prepare_cached(LIST).await.unwrap();
@@ -201,7 +285,11 @@ async fn session_scope_affinity_sends_nothing_for_the_same_context() {
     let c = pool.acquire_as(&alice).await.unwrap();
     assert_eq!(names(&c.query(&stmt, &[]).await.unwrap()), ["Alan"]);
     // The same context came back: the session still holds it; the statement went bare.
-    let who: String = c.query_one("SELECT current_user::text", &[]).await.unwrap().get(0);
+    let who: String = c
+        .query_one("SELECT current_user::text", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(who, "hr_employee");
 }
 
@@ -215,7 +303,11 @@ async fn transactions_left_open_or_aborted_are_discarded() {
         c.batch_execute("BEGIN").await.unwrap();
         c.query("SELECT 1", &[]).await.unwrap();
         drop(c);
-        assert_eq!(pool.status().size, 0, "{scope:?}: a connection in a transaction was kept");
+        assert_eq!(
+            pool.status().size,
+            0,
+            "{scope:?}: a connection in a transaction was kept"
+        );
 
         // An aborted one.
         let c = pool.get().await.unwrap();
@@ -228,13 +320,25 @@ async fn transactions_left_open_or_aborted_are_discarded() {
         let mut c = pool.acquire_as(&bob()).await.unwrap();
         {
             let tx = c.transaction().await.unwrap();
-            tx.execute("UPDATE hr.employees SET salary = 0", &[]).await.unwrap();
+            tx.execute("UPDATE hr.employees SET salary = 0", &[])
+                .await
+                .unwrap();
         }
-        assert_eq!(c.query("SELECT 1 FROM hr.employees WHERE salary = 0", &[]).await.unwrap().len(), 0);
+        assert_eq!(
+            c.query("SELECT 1 FROM hr.employees WHERE salary = 0", &[])
+                .await
+                .unwrap()
+                .len(),
+            0
+        );
         drop(c);
         assert_eq!(pool.status().size, 1);
         let c = pool.get().await.unwrap();
-        let status: String = c.query_one("SELECT current_user::text", &[]).await.unwrap().get(0);
+        let status: String = c
+            .query_one("SELECT current_user::text", &[])
+            .await
+            .unwrap()
+            .get(0);
         assert_eq!(status, "hr_app");
     }
 }
@@ -247,16 +351,24 @@ async fn session_changes_by_user_sql_do_not_survive_the_checkout() {
         let c = pool.acquire_as(&alice()).await.unwrap();
         c.batch_execute("SET ROLE hr_manager").await.unwrap();
         c.batch_execute("SET search_path TO hr").await.unwrap();
-        c.query("SELECT set_config('hr.hcm_context.org_id', '5', false)", &[])
-            .await
-            .unwrap();
+        c.query(
+            "SELECT set_config('hr.hcm_context.org_id', '5', false)",
+            &[],
+        )
+        .await
+        .unwrap();
         c.batch_execute("RESET ROLE").await.unwrap();
         c.batch_execute("SET ROLE hr_manager").await.unwrap();
-        c.batch_execute("CREATE TEMP TABLE leak (x int)").await.unwrap();
+        c.batch_execute("CREATE TEMP TABLE leak (x int)")
+            .await
+            .unwrap();
         drop(c);
 
         let plain = pool.get().await.unwrap();
-        assert!(plain.query(LIST, &[]).await.unwrap().is_empty(), "{scope:?}");
+        assert!(
+            plain.query(LIST, &[]).await.unwrap().is_empty(),
+            "{scope:?}"
+        );
         let row = plain
             .query_one(
                 "SELECT current_user::text, current_setting('hr.hcm_context.org_id', true), \
@@ -266,13 +378,21 @@ async fn session_changes_by_user_sql_do_not_survive_the_checkout() {
             .await
             .unwrap();
         assert_eq!(row.get::<_, String>(0), "hr_app", "{scope:?}");
-        assert_eq!(row.get::<_, Option<String>>(1).unwrap_or_default(), "", "{scope:?}");
+        assert_eq!(
+            row.get::<_, Option<String>>(1).unwrap_or_default(),
+            "",
+            "{scope:?}"
+        );
         assert_eq!(row.get::<_, String>(2), "\"$user\", public", "{scope:?}");
         assert!(row.get::<_, bool>(3), "{scope:?}: temp table survived");
         drop(plain);
 
         let b = pool.acquire_as(&bob()).await.unwrap();
-        assert_eq!(names(&b.query(LIST, &[]).await.unwrap()), ["Barbara", "Edsger"], "{scope:?}");
+        assert_eq!(
+            names(&b.query(LIST, &[]).await.unwrap()),
+            ["Barbara", "Edsger"],
+            "{scope:?}"
+        );
     }
 }
 
@@ -280,7 +400,10 @@ async fn session_changes_by_user_sql_do_not_survive_the_checkout() {
 async fn a_role_revoked_or_dropped_while_idle_fails_closed() {
     let cluster = hr_cluster();
     cluster
-        .psql("hr", "CREATE ROLE hr_temp NOLOGIN; GRANT hr_temp TO hr_app;")
+        .psql(
+            "hr",
+            "CREATE ROLE hr_temp NOLOGIN; GRANT hr_temp TO hr_app;",
+        )
         .unwrap();
     let temp = SecurityContext::builder(EndUserIdentity::named("tess", None), "t")
         .data_roles(["hr_temp"])
@@ -299,25 +422,37 @@ async fn a_role_revoked_or_dropped_while_idle_fails_closed() {
         // the revocation holds from the next time a context is applied.
         let ctx = match scope {
             ContextScope::Transaction => bob(),
-            ContextScope::Session => bob().with_attributes(serde_json::json!({"hr.hcm_context": {"org_id": 9}})).unwrap(),
+            ContextScope::Session => bob()
+                .with_attributes(serde_json::json!({"hr.hcm_context": {"org_id": 9}}))
+                .unwrap(),
         };
         let c = pool.acquire_as(&ctx).await.unwrap();
         let err = c
             .execute("INSERT INTO hr.audit VALUES ('bob', 'after revoke')", &[])
             .await
             .unwrap_err();
-        assert_eq!(err.code().map(|c| c.code()), Some("42501"), "{scope:?}: {err}");
+        assert_eq!(
+            err.code().map(|c| c.code()),
+            Some("42501"),
+            "{scope:?}: {err}"
+        );
         drop(c);
         cluster.psql("hr", "GRANT hr_manager TO hr_app").unwrap();
         let c = pool.acquire_as(&bob()).await.unwrap();
-        assert_eq!(c.query(LIST, &[]).await.unwrap().len(), 2, "{scope:?}: usable again");
+        assert_eq!(
+            c.query(LIST, &[]).await.unwrap().len(),
+            2,
+            "{scope:?}: usable again"
+        );
     }
 
     // A role dropped outright.
     let mut cfg = ctxpool::postgres::Config::new();
     cfg.url = Some(cluster.url("hr_app", "hr"));
     cfg.context = Some(config);
-    let pool = cfg.create_pool(Some(ctxpool::postgres::Runtime::Tokio1), NoTls).unwrap();
+    let pool = cfg
+        .create_pool(Some(ctxpool::postgres::Runtime::Tokio1), NoTls)
+        .unwrap();
     let c = pool.acquire_as(&temp).await.unwrap();
     c.query("SELECT 1", &[]).await.unwrap();
     drop(c);
@@ -330,5 +465,9 @@ async fn a_role_revoked_or_dropped_while_idle_fails_closed() {
     assert!(err.code().is_some(), "a server error: {err}");
     drop(c);
     let rows = cluster.psql("hr", "SELECT count(*) FROM hr.audit").unwrap();
-    assert_eq!(rows.trim(), "0", "no statement ran under a revoked or dropped role");
+    assert_eq!(
+        rows.trim(),
+        "0",
+        "no statement ran under a revoked or dropped role"
+    );
 }

@@ -9,7 +9,9 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use ctxpool::provider::StaticTokenProvider;
 use ctxpool::testing::{MemBackend, MemServer, Statement};
-use ctxpool::{ContextProvider, ContextRequest, EndUserIdentity, Pool, ProviderError, SecurityContext};
+use ctxpool::{
+    ContextProvider, ContextRequest, EndUserIdentity, Pool, ProviderError, SecurityContext,
+};
 
 struct FailingProvider;
 
@@ -75,7 +77,10 @@ fn traces_show_no_secret() {
         });
     });
     let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
-    assert!(text.contains("ctxpool.acquire_as"), "spans were recorded: {text}");
+    assert!(
+        text.contains("ctxpool.acquire_as"),
+        "spans were recorded: {text}"
+    );
     assert!(text.contains("connection discarded"), "{text}");
     assert!(!text.contains("SECRET"), "a secret was traced: {text}");
 }
