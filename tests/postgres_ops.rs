@@ -1,0 +1,126 @@
+//! Live operations: PgBouncer in transaction mode, and a server restart under load.
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use ctxpool::postgres::ContextScope;
+use ctxpool::testing::PgBouncer;
+use ctxpool::SecurityContext;
+use support::*;
+
+/// The expected rows of each identity (`None`: a plain handle).
+fn cases() -> Vec<(Option<SecurityContext>, Vec<&'static str>)> {
+    vec![
+        (Some(alice()), vec!["Alan"]),
+        (Some(bob()), vec!["Barbara", "Edsger"]),
+        (None, vec![]),
+    ]
+}
+
+async fn request(pool: &ctxpool::postgres::Pool, who: &Option<SecurityContext>) -> Result<Vec<String>, String> {
+    let client = match who {
+        Some(ctx) => pool.acquire_as(ctx).await,
+        None => pool.get().await,
+    }
+    .map_err(|e| e.to_string())?;
+    // query_typed: an unnamed statement, as PgBouncer in transaction mode requires.
+    let rows = client.query_typed(LIST, &[]).await.map_err(|e| e.to_string())?;
+    Ok(names(&rows))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_interleaved_requests_through_pgbouncer() {
+    let cluster = hr_cluster();
+    // Two server connections for a pool of four: transactions of different end users
+    // share server sessions, so anything session-level would show.
+    let bouncer = PgBouncer::start(&cluster, "transaction", 2).unwrap();
+    let pool = pool(&bouncer.url("hr_app", "hr"), ContextScope::Transaction, 4);
+    let wrong = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for t in 0..20 {
+        let (pool, wrong, done) = (pool.clone(), wrong.clone(), done.clone());
+        tasks.push(tokio::spawn(async move {
+            let cases = cases();
+            for i in 0..50 {
+                // Two identities interleaved, and a plain request every fifth time.
+                let (who, want) = if i % 5 == 4 { &cases[2] } else { &cases[(t + i) % 2] };
+                match request(&pool, who).await {
+                    Ok(seen) if seen == *want => {}
+                    other => {
+                        eprintln!("wrong answer: {other:?} for {want:?}");
+                        wrong.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+                done.fetch_add(1, Ordering::SeqCst);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(done.load(Ordering::SeqCst), 1000);
+    assert_eq!(wrong.load(Ordering::SeqCst), 0);
+    let status = pool.status();
+    assert_eq!(status.available, status.size);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pool_recovers_from_a_server_restart_under_load() {
+    let cluster = Arc::new(hr_cluster());
+    let pool = pool(&cluster.url("hr_app", "hr"), ContextScope::Transaction, 4);
+    let (restarted_tx, restarted) = tokio::sync::watch::channel(false);
+    let before = Arc::new(tokio::sync::Semaphore::new(0));
+    let wrong = Arc::new(AtomicUsize::new(0));
+    let failed = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for t in 0..8usize {
+        let (pool, wrong, failed, before) = (pool.clone(), wrong.clone(), failed.clone(), before.clone());
+        let mut restarted = restarted.clone();
+        tasks.push(tokio::spawn(async move {
+            let cases = cases();
+            let mut after_ok = 0;
+            let mut i = 0usize;
+            // Run until 40 requests in a row succeed after the restart.
+            while after_ok < 40 {
+                i += 1;
+                let (who, want) = &cases[(t + i) % 3];
+                match request(&pool, who).await {
+                    Ok(seen) => {
+                        if seen != *want {
+                            wrong.fetch_add(1, Ordering::SeqCst);
+                        }
+                        if *restarted.borrow() {
+                            after_ok += 1;
+                        } else if i == 10 {
+                            before.add_permits(1);
+                        }
+                    }
+                    Err(_) => {
+                        failed.fetch_add(1, Ordering::SeqCst);
+                        after_ok = 0;
+                        // Wait for the server instead of spinning on it.
+                        let _ = restarted.wait_for(|r| *r).await;
+                    }
+                }
+                assert!(i < 10_000, "the pool did not recover");
+            }
+        }));
+    }
+    // Restart once every task has done ten requests.
+    let _ = before.acquire_many(8).await.unwrap();
+    let c = cluster.clone();
+    tokio::task::spawn_blocking(move || c.restart().unwrap()).await.unwrap();
+    restarted_tx.send(true).unwrap();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(wrong.load(Ordering::SeqCst), 0);
+    // Each task fails at most once while the server is down, plus once per connection
+    // that died in the pool before recycle could see it.
+    assert!(failed.load(Ordering::SeqCst) <= 8 + 4 * 8, "{failed:?}");
+    let status = pool.status();
+    assert_eq!(status.available, status.size);
+}
