@@ -199,7 +199,9 @@ macro_rules! forward {
 }
 
 impl private::Sealed for Client {}
-forward!(Client, this => this);
+// `**this`: the wrapper behind the handle. Plain `this` would find this very trait
+// method on `Object` before auto-deref reaches the inherent one, and recurse.
+forward!(Client, this => (**this));
 
 impl private::Sealed for Transaction<'_> {}
 forward!(Transaction<'_>, this => this);
