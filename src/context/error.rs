@@ -35,8 +35,8 @@ impl fmt::Display for Field {
 /// Why a security context could not be built.
 ///
 /// Every variant names the offending field or key and never carries a secret value.
-/// Attribute keys and names are not secret, but they come from outside: they are kept
-/// to at most [`MAX_ECHO`] characters and printed escaped.
+/// Attribute keys and names are not secret, but they come from outside: they are printed
+/// escaped, at most [`MAX_ECHO`] bytes of each.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum ContextError {
@@ -68,19 +68,19 @@ pub enum ContextError {
     #[error("attributes must be a JSON object whose values are JSON objects")]
     AttributesNotObject,
     /// An attribute key is not a qualified `schema.context` name.
-    #[error("attribute key {key:?} is not a qualified `schema.context` name")]
+    #[error("attribute key \"{key}\" is not a qualified `schema.context` name")]
     InvalidAttributeKey {
-        /// The key, shortened.
+        /// The key, escaped and shortened.
         key: String,
     },
     /// Two attribute keys differ only in case.
-    #[error("attribute key {key:?} repeats another key (keys are case-insensitive)")]
+    #[error("attribute key \"{key}\" repeats another key (keys are case-insensitive)")]
     DuplicateAttributeKey {
-        /// The key, shortened.
+        /// The key, escaped and shortened.
         key: String,
     },
     /// An attribute name inside a context is not a simple identifier.
-    #[error("attribute {key:?}.{attribute:?} does not have a valid name")]
+    #[error("attribute \"{key}\".\"{attribute}\" does not have a valid name")]
     InvalidAttributeName {
         /// The `schema.context` key, shortened.
         key: String,
@@ -88,7 +88,7 @@ pub enum ContextError {
         attribute: String,
     },
     /// An attribute value is not a string, number or boolean, or is a string with a NUL.
-    #[error("attribute {key:?}.{attribute:?} must be a string, number or boolean, not {found}")]
+    #[error("attribute \"{key}\".\"{attribute}\" must be a string, number or boolean, not {found}")]
     InvalidAttributeValue {
         /// The `schema.context` key, shortened.
         key: String,
@@ -107,10 +107,20 @@ pub enum ContextError {
     },
 }
 
-/// How many characters of a hostile key or name an error keeps.
+/// How many bytes of a hostile key or name an error keeps, after escaping.
 pub const MAX_ECHO: usize = 64;
 
-/// Shortens outside input for an error message.
+/// Escapes outside input for an error message and keeps at most [`MAX_ECHO`] bytes of the
+/// escaped text: escaping can grow a character to ten bytes, so the bound applies after it.
 pub(crate) fn echo(s: &str) -> String {
-    s.chars().take(MAX_ECHO).collect()
+    let mut out = String::new();
+    for c in s.chars() {
+        let piece = c.escape_debug().to_string();
+        if out.len() + piece.len() > MAX_ECHO {
+            out.push('…');
+            break;
+        }
+        out.push_str(&piece);
+    }
+    out
 }
