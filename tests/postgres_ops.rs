@@ -5,9 +5,9 @@ mod support;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use ctxpool::SecurityContext;
 use ctxpool::postgres::ContextScope;
 use ctxpool::testing::PgBouncer;
-use ctxpool::SecurityContext;
 use support::*;
 
 /// The expected rows of each identity (`None`: a plain handle).
@@ -19,14 +19,20 @@ fn cases() -> Vec<(Option<SecurityContext>, Vec<&'static str>)> {
     ]
 }
 
-async fn request(pool: &ctxpool::postgres::Pool, who: &Option<SecurityContext>) -> Result<Vec<String>, String> {
+async fn request(
+    pool: &ctxpool::postgres::Pool,
+    who: &Option<SecurityContext>,
+) -> Result<Vec<String>, String> {
     let client = match who {
         Some(ctx) => pool.acquire_as(ctx).await,
         None => pool.get().await,
     }
     .map_err(|e| e.to_string())?;
     // query_typed: an unnamed statement, as PgBouncer in transaction mode requires.
-    let rows = client.query_typed(LIST, &[]).await.map_err(|e| e.to_string())?;
+    let rows = client
+        .query_typed(LIST, &[])
+        .await
+        .map_err(|e| e.to_string())?;
     Ok(names(&rows))
 }
 
@@ -46,7 +52,11 @@ async fn a_thousand_interleaved_requests_through_pgbouncer() {
             let cases = cases();
             for i in 0..50 {
                 // Two identities interleaved, and a plain request every fifth time.
-                let (who, want) = if i % 5 == 4 { &cases[2] } else { &cases[(t + i) % 2] };
+                let (who, want) = if i % 5 == 4 {
+                    &cases[2]
+                } else {
+                    &cases[(t + i) % 2]
+                };
                 match request(&pool, who).await {
                     Ok(seen) if seen == *want => {}
                     other => {
@@ -77,7 +87,8 @@ async fn the_pool_recovers_from_a_server_restart_under_load() {
     let failed = Arc::new(AtomicUsize::new(0));
     let mut tasks = Vec::new();
     for t in 0..8usize {
-        let (pool, wrong, failed, before) = (pool.clone(), wrong.clone(), failed.clone(), before.clone());
+        let (pool, wrong, failed, before) =
+            (pool.clone(), wrong.clone(), failed.clone(), before.clone());
         let mut restarted = restarted.clone();
         tasks.push(tokio::spawn(async move {
             let cases = cases();
@@ -112,7 +123,9 @@ async fn the_pool_recovers_from_a_server_restart_under_load() {
     // Restart once every task has done ten requests.
     let _ = before.acquire_many(8).await.unwrap();
     let c = cluster.clone();
-    tokio::task::spawn_blocking(move || c.restart().unwrap()).await.unwrap();
+    tokio::task::spawn_blocking(move || c.restart().unwrap())
+        .await
+        .unwrap();
     restarted_tx.send(true).unwrap();
     for t in tasks {
         t.await.unwrap();
