@@ -163,7 +163,10 @@ fn hostile_keys_are_shortened_in_errors() {
     assert!(err.to_string().len() < 200, "{err}");
     // Characters that escape to many bytes each (found by the fuzz target's bound).
     let wide = "\u{E0001}".repeat(64);
-    for attrs in [json!({ wide.clone(): {"a": 1} }), json!({"s.c": { wide.clone(): 1 }})] {
+    for attrs in [
+        json!({ wide.clone(): {"a": 1} }),
+        json!({"s.c": { wide.clone(): 1 }}),
+    ] {
         let err = Attributes::from_json(attrs).unwrap_err().to_string();
         assert!(err.len() < 200, "{} bytes: {err}", err.len());
         assert!(!err.contains('\u{E0001}'), "printed escaped");

@@ -471,3 +471,18 @@ async fn a_role_revoked_or_dropped_while_idle_fails_closed() {
         "no statement ran under a revoked or dropped role"
     );
 }
+
+#[tokio::test]
+async fn a_connection_that_lost_its_context_statements_is_discarded() {
+    let cluster = hr_cluster();
+    let pool = pool(&cluster.url("hr_app", "hr"), ContextScope::Transaction, 1);
+    let c = pool.acquire_as(&alice()).await.unwrap();
+    c.batch_execute("DEALLOCATE ALL").await.unwrap();
+    // The context statement is gone: fail closed, then discard at release.
+    let err = c.query(LIST, &[]).await.unwrap_err();
+    assert_eq!(err.code().map(|c| c.code()), Some("26000"), "{err}");
+    drop(c);
+    assert_eq!(pool.status().size, 0);
+    let c = pool.acquire_as(&alice()).await.unwrap();
+    assert_eq!(names(&c.query(LIST, &[]).await.unwrap()), ["Alan"]);
+}

@@ -5,8 +5,9 @@ use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use futures_util::future::{join, join3, join4};
+use futures_util::future::{join, join3, join4, try_join_all};
 use tokio::task::JoinHandle;
+use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{BorrowToSql, ToSql, Type};
 use tokio_postgres::{
     Client, CopyOutStream, Error, IsolationLevel, Row, RowStream, SimpleQueryMessage, Statement,
@@ -15,7 +16,9 @@ use tokio_postgres::{
 use crate::backend::{Connection, DiscardReason};
 use crate::context::SecurityContext;
 
-use super::mapping::{self, ContextConfig, ContextScope, Mapped, MappingError, SYNC_SQL};
+use super::mapping::{
+    self, ContextConfig, ContextScope, MAX_FLAT, Mapped, MappingError, SYNC_ANY_SQL, SYNC_ANY_TYPES,
+};
 use super::sql_text::{self, Effects, TxControl};
 use super::statement_cache::StatementCache;
 use super::transaction::{Transaction, TransactionBuilder};
@@ -84,6 +87,9 @@ pub(crate) struct SessionState {
     tainted: bool,
     /// This checkout's SQL text may have left a transaction open.
     maybe_in_transaction: bool,
+    /// The connection lost its prepared context statements (a `DEALLOCATE ALL` or
+    /// `DISCARD ALL` in user SQL): it can no longer carry a context and is discarded.
+    broken: bool,
     /// This connection prepared text that may change session state. tokio-postgres gives
     /// statements no public identity, so from then on every prepared statement it runs is
     /// taken to be that one.
@@ -142,6 +148,8 @@ pub struct ClientWrapper {
     /// Statements prepared by [`prepare_cached`](Self::prepare_cached).
     pub statement_cache: Arc<StatementCache>,
     config: Arc<ContextConfig>,
+    /// The context statements, when [`ContextConfig::prepared_statements`] is on.
+    sync_statements: Option<SyncStatements>,
     desired: Option<Arc<Mapped>>,
     state: Mutex<SessionState>,
     /// Operations started and not finished. A future dropped mid-flight leaves it above
@@ -164,12 +172,14 @@ impl ClientWrapper {
         client: Client,
         conn_task: JoinHandle<()>,
         config: Arc<ContextConfig>,
+        sync_statements: Option<SyncStatements>,
     ) -> Self {
         Self {
             client,
             conn_task,
             statement_cache: Arc::new(StatementCache::default()),
             config,
+            sync_statements,
             desired: None,
             state: Mutex::new(SessionState::default()),
             in_flight: AtomicUsize::new(0),
@@ -225,8 +235,12 @@ impl ClientWrapper {
     }
 
     /// Records the outcome of a planned statement.
-    fn settle(&self, plan: &Plan, ok: bool, effects: Effects) {
+    fn settle(&self, plan: &Plan, error: Option<&Error>, effects: Effects) {
+        let ok = error.is_none();
         let mut st = self.state();
+        if error.and_then(Error::code) == Some(&SqlState::INVALID_SQL_STATEMENT_NAME) {
+            st.broken = true;
+        }
         if let (Plan::Wrapped { resets, .. }, false) = (plan, ok) {
             // The pipeline's transaction rolled back, and with it any reset or session
             // context it carried: the session is as before, or unknown.
@@ -277,7 +291,7 @@ impl ClientWrapper {
             Plan::Wrapped { prefix, sync, .. } => {
                 let client = &self.client;
                 let begin = client.batch_execute(prefix);
-                let context = sync_context(client, sync.as_ref());
+                let context = sync_context(client, self.sync_statements.as_ref(), sync.as_ref());
                 let user = op(client);
                 let end = client.batch_execute(COMMIT);
                 match commit {
@@ -296,7 +310,7 @@ impl ClientWrapper {
             }
         };
         self.in_flight.fetch_sub(1, Ordering::SeqCst);
-        self.settle(&plan, result.is_ok(), effects);
+        self.settle(&plan, result.as_ref().err(), effects);
         result
     }
 
@@ -517,7 +531,11 @@ impl ClientWrapper {
                         None => Ok(()),
                     }
                 };
-                let ((o, p), c) = join(join(open, opts), sync_context(client, sync.as_ref())).await;
+                let ((o, p), c) = join(
+                    join(open, opts),
+                    sync_context(client, self.sync_statements.as_ref(), sync.as_ref()),
+                )
+                .await;
                 o.and(p).and(c)
             }
         };
@@ -526,7 +544,7 @@ impl ClientWrapper {
             // The transaction may be open but aborted: end it before anything else runs.
             self.client.__private_api_rollback(None);
         }
-        self.settle(&plan, result.is_ok(), Effects::default());
+        self.settle(&plan, result.as_ref().err(), Effects::default());
         result.map(|()| Transaction::new(self))
     }
 
@@ -573,17 +591,55 @@ fn begin_options(begin: &str) -> Option<String> {
     (!rest.is_empty()).then(|| format!("SET TRANSACTION {rest}"))
 }
 
+/// The context statements prepared on one connection: one per attribute count up to
+/// [`MAX_FLAT`], and one for any count.
+pub(crate) struct SyncStatements {
+    flat: Vec<Statement>,
+    any: Statement,
+}
+
+impl SyncStatements {
+    /// Prepares them all in one flight.
+    pub(crate) async fn prepare(client: &Client) -> Result<Self, Error> {
+        let sqls: Vec<String> = (0..=MAX_FLAT).map(mapping::sync_sql).collect();
+        let types: Vec<Vec<Type>> = (0..=MAX_FLAT).map(mapping::sync_types).collect();
+        let flat = try_join_all(
+            sqls.iter()
+                .zip(&types)
+                .map(|(sql, t)| client.prepare_typed(sql, t)),
+        );
+        let any = client.prepare_typed(SYNC_ANY_SQL, &SYNC_ANY_TYPES);
+        let (flat, any) = join(flat, any).await;
+        Ok(Self {
+            flat: flat?,
+            any: any?,
+        })
+    }
+}
+
 /// Sends the context statement, if there is a context to send.
 async fn sync_context(
     client: &Client,
+    prepared: Option<&SyncStatements>,
     sync: Option<&(Arc<Mapped>, &'static bool)>,
 ) -> Result<(), Error> {
-    match sync {
-        Some((mapped, local)) => {
-            let params = mapped.params(local);
-            client.query_typed(SYNC_SQL, &params).await.map(drop)
+    let Some((mapped, local)) = sync else {
+        return Ok(());
+    };
+    match prepared {
+        Some(statements) => match statements.flat.get(mapped.attribute_count()) {
+            Some(statement) => client.execute(statement, &mapped.flat_params(local)).await,
+            None => {
+                client
+                    .execute(&statements.any, &mapped.any_params(local))
+                    .await
+            }
         }
-        None => Ok(()),
+        .map(drop),
+        None => client
+            .query_typed(SYNC_ANY_SQL, &mapped.typed_any_params(local))
+            .await
+            .map(drop),
     }
 }
 
@@ -619,6 +675,9 @@ impl Connection for ClientWrapper {
             return Err(DiscardReason::Lost);
         }
         let mut st = self.state();
+        if st.broken {
+            return Err(DiscardReason::ResetFailed);
+        }
         if st.maybe_in_transaction {
             return Err(DiscardReason::OpenTransaction);
         }

@@ -11,7 +11,7 @@ use tokio_postgres::{Client as PgClient, Config as PgConfig, Error, Socket};
 
 use crate::backend::{Backend, DiscardReason};
 
-use super::client::ClientWrapper;
+use super::client::{ClientWrapper, SyncStatements};
 use super::config::{ManagerConfig, RecyclingMethod};
 use super::mapping::ContextConfig;
 
@@ -112,7 +112,18 @@ impl Backend for Manager {
 
     async fn connect(&self) -> Result<ClientWrapper, Error> {
         let (client, task) = self.connect.connect(&self.pg_config).await?;
-        Ok(ClientWrapper::new(client, task, self.context.clone()))
+        // Prepared here, in one flight, so that no checkout pays a round trip for them.
+        let statements = if self.context.prepared_statements {
+            Some(SyncStatements::prepare(&client).await?)
+        } else {
+            None
+        };
+        Ok(ClientWrapper::new(
+            client,
+            task,
+            self.context.clone(),
+            statements,
+        ))
     }
 
     async fn recycle(&self, client: &mut ClientWrapper) -> Result<(), DiscardReason> {

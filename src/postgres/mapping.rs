@@ -57,7 +57,7 @@ pub enum RoleMapping {
 ///
 /// The default (transaction scope, first data role, an empty allow-list) refuses every
 /// context until roles are allowed: fail closed.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ContextConfig {
     /// When the context is applied.
@@ -67,6 +67,28 @@ pub struct ContextConfig {
     /// The roles a session may run as and the data roles a context may carry. Anything
     /// else is refused before any SQL is sent.
     pub allowed_roles: BTreeSet<String>,
+    /// Send the context as a named statement prepared once per connection (default), or
+    /// unnamed, parsed and planned every time. Unnamed costs ~100 µs of server time per
+    /// statement, and is what PgBouncer in transaction mode needs before version 1.21 (or
+    /// with `max_prepared_statements = 0`): its server connections do not share prepared
+    /// statements.
+    #[serde(default = "yes")]
+    pub prepared_statements: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for ContextConfig {
+    fn default() -> Self {
+        Self {
+            scope: ContextScope::default(),
+            role: RoleMapping::default(),
+            allowed_roles: BTreeSet::new(),
+            prepared_statements: true,
+        }
+    }
 }
 
 impl ContextConfig {
@@ -77,15 +99,21 @@ impl ContextConfig {
         S: Into<String>,
     {
         Self {
-            scope: ContextScope::Transaction,
             role,
             allowed_roles: allowed_roles.into_iter().map(Into::into).collect(),
+            ..Self::default()
         }
     }
 
     /// The same configuration in `scope`.
     pub fn scope(mut self, scope: ContextScope) -> Self {
         self.scope = scope;
+        self
+    }
+
+    /// The same configuration with [`prepared_statements`](Self::prepared_statements) set.
+    pub fn prepared_statements(mut self, prepared: bool) -> Self {
+        self.prepared_statements = prepared;
         self
     }
 }
@@ -132,27 +160,100 @@ impl fmt::Debug for Mapped {
     }
 }
 
-/// One statement sets the whole context: the role, the three `ctxpool.*` settings and
-/// every flattened attribute, all as bind parameters. `$7` says transaction-local or not.
-/// The aggregate evaluates `set_config` once per attribute; it cannot be optimised away.
-pub(crate) const SYNC_SQL: &str = "SELECT set_config('role', $1, $7), \
+/// Contexts with at most this many flattened attributes use a statement with one
+/// `set_config` per attribute; larger ones use [`SYNC_ANY_SQL`].
+pub(crate) const MAX_FLAT: usize = 6;
+
+/// The statement that sets a context with exactly `n` flattened attributes: the role, the
+/// three `ctxpool.*` settings and each attribute, every value (attribute names included) a
+/// bind parameter. The last parameter says transaction-local or not. Generated from `n`
+/// alone: nothing of a context is ever part of the text.
+pub(crate) fn sync_sql(n: usize) -> String {
+    let local = 5 + 2 * n;
+    let mut sql = format!(
+        "SELECT set_config('role', $1, ${local}), set_config('ctxpool.end_user', $2, ${local}), \
+         set_config('ctxpool.data_roles', $3, ${local}), set_config('ctxpool.attributes', $4, ${local})"
+    );
+    for i in 0..n {
+        sql.push_str(&format!(
+            ", set_config(${}, ${}, ${local})",
+            5 + 2 * i,
+            6 + 2 * i
+        ));
+    }
+    sql
+}
+
+/// The statement for any number of attributes, as two arrays. The aggregate evaluates
+/// `set_config` once per attribute; it cannot be optimised away.
+pub(crate) const SYNC_ANY_SQL: &str = "SELECT set_config('role', $1, $7), \
      set_config('ctxpool.end_user', $2, $7), \
      set_config('ctxpool.data_roles', $3, $7), \
      set_config('ctxpool.attributes', $4, $7), \
      (SELECT count(set_config(k, v, $7)) FROM unnest($5::text[], $6::text[]) AS a(k, v))";
 
+/// The parameter types of [`sync_sql`]`(n)`.
+pub(crate) fn sync_types(n: usize) -> Vec<Type> {
+    let mut types = vec![Type::TEXT; 4 + 2 * n];
+    types.push(Type::BOOL);
+    types
+}
+
+/// The parameter types of [`SYNC_ANY_SQL`].
+pub(crate) const SYNC_ANY_TYPES: [Type; 7] = [
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT_ARRAY,
+    Type::TEXT_ARRAY,
+    Type::BOOL,
+];
+
 impl Mapped {
-    /// The parameters of [`SYNC_SQL`] for this context.
-    pub(crate) fn params(&self, local: &'static bool) -> [(&(dyn ToSql + Sync), Type); 7] {
+    /// How many flattened attributes the context has.
+    pub(crate) fn attribute_count(&self) -> usize {
+        self.names.len()
+    }
+
+    /// The parameters of [`sync_sql`] for this context's attribute count.
+    pub(crate) fn flat_params(&self, local: &'static bool) -> Vec<&(dyn ToSql + Sync)> {
+        let mut params: Vec<&(dyn ToSql + Sync)> = vec![
+            &self.role,
+            &self.end_user,
+            &self.data_roles,
+            &self.attributes,
+        ];
+        for (name, value) in self.names.iter().zip(&self.values) {
+            params.push(name);
+            params.push(value);
+        }
+        params.push(local);
+        params
+    }
+
+    /// The parameters of [`SYNC_ANY_SQL`].
+    pub(crate) fn any_params(&self, local: &'static bool) -> [&(dyn ToSql + Sync); 7] {
         [
-            (&self.role, Type::TEXT),
-            (&self.end_user, Type::TEXT),
-            (&self.data_roles, Type::TEXT),
-            (&self.attributes, Type::TEXT),
-            (&self.names, Type::TEXT_ARRAY),
-            (&self.values, Type::TEXT_ARRAY),
-            (local, Type::BOOL),
+            &self.role,
+            &self.end_user,
+            &self.data_roles,
+            &self.attributes,
+            &self.names,
+            &self.values,
+            local,
         ]
+    }
+
+    /// [`any_params`](Self::any_params) with their types, for an unnamed statement.
+    pub(crate) fn typed_any_params(
+        &self,
+        local: &'static bool,
+    ) -> Vec<(&(dyn ToSql + Sync), Type)> {
+        self.any_params(local)
+            .into_iter()
+            .zip(SYNC_ANY_TYPES)
+            .collect()
     }
 }
 

@@ -30,13 +30,18 @@ pub fn context_config(scope: ContextScope) -> ContextConfig {
 
 /// A pool on `url` logging in as hr_app.
 pub fn pool(url: &str, scope: ContextScope, max_size: usize) -> Pool {
+    pool_with(url, context_config(scope), max_size)
+}
+
+/// A pool on `url` with this context configuration.
+pub fn pool_with(url: &str, context: ContextConfig, max_size: usize) -> Pool {
     let mut cfg = Config::new();
     cfg.url = Some(url.to_owned());
     cfg.manager = Some(ManagerConfig {
         recycling_method: RecyclingMethod::Fast,
     });
     cfg.pool = Some(ctxpool::postgres::PoolConfig::new(max_size));
-    cfg.context = Some(context_config(scope));
+    cfg.context = Some(context);
     cfg.create_pool(Some(Runtime::Tokio1), NoTls).unwrap()
 }
 
