@@ -7,9 +7,8 @@ use ctxpool::postgres::{
     Config, ContextScope, ManagerConfig, Pool, PoolConfig, RecyclingMethod, Runtime,
 };
 use ctxpool::testing::PgCluster;
-use tokio_postgres::NoTls;
 
-#[path = "../tests/support/mod.rs"]
+#[path = "../../tests/support/mod.rs"]
 #[allow(dead_code)]
 mod hr;
 
@@ -20,14 +19,7 @@ pub fn cluster() -> PgCluster {
 }
 
 pub fn pool(url: &str, scope: ContextScope, max_size: usize) -> Pool {
-    let mut cfg = Config::new();
-    cfg.url = Some(url.to_owned());
-    cfg.manager = Some(ManagerConfig {
-        recycling_method: RecyclingMethod::Fast,
-    });
-    cfg.pool = Some(PoolConfig::new(max_size));
-    cfg.context = Some(context_config(scope));
-    cfg.create_pool(Some(Runtime::Tokio1), NoTls).unwrap()
+    hr::pool(url, scope, max_size)
 }
 
 pub fn criterion_dir() -> PathBuf {
