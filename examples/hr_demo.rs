@@ -194,12 +194,11 @@ async fn main() {
     for u in &USERS {
         let seen = names(&pool, Some(&context(u))).await;
         assert_eq!(seen, expected(Some(u)), "{} saw the wrong rows", u.name);
+        let hcm = format!("emp_id={} org_id={}", u.emp_id, u.org_id);
         println!(
-            "| {:<13} | {:<11} | emp_id={} org_id={:<3} | {:<26} |",
+            "| {:<13} | {:<11} | {hcm:<20} | {:<26} |",
             u.name,
             u.role,
-            u.emp_id,
-            u.org_id,
             seen.join(", ")
         );
     }
