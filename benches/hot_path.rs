@@ -1,6 +1,6 @@
 //! The cost the pool adds on the hot path: `get`+drop and `acquire_as`+drop against bare
 //! deadpool `get`+drop, with the same connection type and no I/O, at 1 and 32 concurrent
-//! tasks. Prints the ratios of the run at the end (targets: get ≤ 1.15×, acquire_as ≤
+//! tasks on one runtime thread. Prints the ratios of the run at the end (targets: get ≤ 1.15×, acquire_as ≤
 //! 1.3× deadpool).
 //!
 //! `cargo bench --bench hot_path`; HTML reports in `target/criterion/report/index.html`.
@@ -142,8 +142,11 @@ fn benches(c: &mut Criterion) {
         .build()
         .unwrap();
     for tasks in TASKS {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
+        // One runtime thread: the tasks interleave at every await, and the ratios are
+        // reproducible. On a multi-thread runtime with 2 workers the 32-task figures of
+        // every pool, deadpool's included, swing by 2-4× between runs with how the tasks
+        // land on the workers.
+        let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
