@@ -236,6 +236,10 @@ impl ClientWrapper {
 
     /// Records the outcome of a planned statement.
     fn settle(&self, plan: &Plan, error: Option<&Error>, effects: Effects) {
+        if matches!(plan, Plan::Direct) && effects == Effects::default() {
+            // The hot path of a plain handle: nothing to record.
+            return;
+        }
         let ok = error.is_none();
         let mut st = self.state();
         if error.and_then(Error::code) == Some(&SqlState::INVALID_SQL_STATEMENT_NAME) {
@@ -339,7 +343,11 @@ impl ClientWrapper {
 
     /// Notes what preparing `sql` tells about the statements this connection may run.
     pub(crate) fn record(&self, sql: &str) {
-        if sql_text::effects(sql) != Effects::default() {
+        self.note_prepared(sql_text::effects(sql));
+    }
+
+    fn note_prepared(&self, effects: Effects) {
+        if effects != Effects::default() {
             let mut st = self.state();
             st.unsafe_prepared = true;
             st.tainted = true;
@@ -374,12 +382,14 @@ impl ClientWrapper {
         query: &str,
         types: &[Type],
     ) -> Result<Statement, Error> {
-        if let Some(statement) = self.statement_cache.get(query, types) {
-            self.record(query);
+        if let Some((statement, effects)) = self.statement_cache.get(query, types) {
+            self.note_prepared(effects);
             return Ok(statement);
         }
         let statement = self.prepare_typed(query, types).await?;
-        self.statement_cache.insert(query, types, statement.clone());
+        let effects = sql_text::effects(query);
+        self.statement_cache
+            .insert(query, types, statement.clone(), effects);
         Ok(statement)
     }
 

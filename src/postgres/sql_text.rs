@@ -31,7 +31,7 @@ const DATA_STATEMENTS: &[&str] = &[
 pub(crate) fn effects(sql: &str) -> Effects {
     let mut effects = Effects::default();
     // `set_config(…, false)` can hide in any statement.
-    if sql.to_ascii_lowercase().contains("set_config") {
+    if contains_ignore_case(sql, "set_config") {
         effects.changes_session = true;
     }
     // Splitting on `;` ignores quoting: a `;` inside a literal only adds a statement to
@@ -48,6 +48,14 @@ pub(crate) fn effects(sql: &str) -> Effects {
         }
     }
     effects
+}
+
+/// Whether `haystack` contains the ASCII `needle`, ignoring case, without allocating.
+fn contains_ignore_case(haystack: &str, needle: &str) -> bool {
+    haystack
+        .as_bytes()
+        .windows(needle.len())
+        .any(|w| w.eq_ignore_ascii_case(needle.as_bytes()))
 }
 
 /// The first keyword, lower-cased, skipping white space, comments and parentheses.
@@ -109,5 +117,6 @@ mod tests {
             Some(TxControl::Begins)
         );
         assert_eq!(effects("select 1").tx, None);
+        assert!(effects("SELECT SET_CONFIG('x', 'y', false)").changes_session);
     }
 }

@@ -6,12 +6,15 @@ use std::sync::{PoisonError, RwLock};
 use tokio_postgres::Statement;
 use tokio_postgres::types::Type;
 
+use super::sql_text::Effects;
+
 type Key = (String, Vec<Type>);
 
 /// Prepared statements of one connection, by query text and parameter types.
 #[derive(Debug, Default)]
 pub struct StatementCache {
-    map: RwLock<HashMap<Key, Statement>>,
+    /// Each statement with what its text may do, read once when it was prepared.
+    map: RwLock<HashMap<Key, (Statement, Effects)>>,
 }
 
 impl StatementCache {
@@ -37,9 +40,10 @@ impl StatementCache {
             .write()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(&(query.to_owned(), types.to_owned()))
+            .map(|(s, _)| s)
     }
 
-    pub(crate) fn get(&self, query: &str, types: &[Type]) -> Option<Statement> {
+    pub(crate) fn get(&self, query: &str, types: &[Type]) -> Option<(Statement, Effects)> {
         self.map
             .read()
             .unwrap_or_else(PoisonError::into_inner)
@@ -47,10 +51,16 @@ impl StatementCache {
             .cloned()
     }
 
-    pub(crate) fn insert(&self, query: &str, types: &[Type], statement: Statement) {
+    pub(crate) fn insert(
+        &self,
+        query: &str,
+        types: &[Type],
+        statement: Statement,
+        effects: Effects,
+    ) {
         self.map
             .write()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert((query.to_owned(), types.to_owned()), statement);
+            .insert((query.to_owned(), types.to_owned()), (statement, effects));
     }
 }
