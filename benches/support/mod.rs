@@ -3,16 +3,13 @@
 
 use std::path::PathBuf;
 
-use ctxpool::postgres::{
-    Config, ContextScope, ManagerConfig, Pool, PoolConfig, RecyclingMethod, Runtime,
-};
+use ctxpool::postgres::{ContextScope, Pool};
 use ctxpool::testing::PgCluster;
 
 #[path = "../../tests/support/mod.rs"]
-#[allow(dead_code)]
 mod hr;
 
-pub use hr::{LIST, alice, bob, context_config};
+pub use hr::{LIST, alice, bob};
 
 pub fn cluster() -> PgCluster {
     hr::hr_cluster()
