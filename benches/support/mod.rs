@@ -9,6 +9,8 @@ use ctxpool::testing::PgCluster;
 #[path = "../../tests/support/mod.rs"]
 mod hr;
 
+// Each bench uses its own subset.
+#[allow(unused_imports)]
 pub use hr::{LIST, alice, bob};
 
 pub fn cluster() -> PgCluster {
