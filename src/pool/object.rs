@@ -97,6 +97,7 @@ impl<B: Backend> Object<B> {
 
 impl<B: Backend> Drop for Object<B> {
     fn drop(&mut self) {
+        let _span = tracing::trace_span!("ctxpool.release").entered();
         // SAFETY: `drop` runs once and `inner` is not touched again.
         let mut inner = unsafe { ManuallyDrop::take(&mut self.inner) };
         // Clear first: nothing the checks below decide may depend on the old context.

@@ -331,3 +331,148 @@ fn decode_claims(token: &str) -> Result<serde_json::Map<String, serde_json::Valu
         _ => Err(MappingError::TokenNotDecodable),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::context::EndUserIdentity;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+
+    fn jwt(claims: serde_json::Value) -> String {
+        let enc = |v: &serde_json::Value| URL_SAFE_NO_PAD.encode(v.to_string());
+        format!(
+            "{}.{}.sig",
+            enc(&serde_json::json!({"alg": "none"})),
+            enc(&claims)
+        )
+    }
+
+    fn ctx(identity: EndUserIdentity, roles: &[&str]) -> SecurityContext {
+        SecurityContext::builder(identity, "db")
+            .data_roles(roles.iter().copied())
+            .attributes(serde_json::json!({"hr.ctx": {"emp_id": 3}}))
+            .build()
+            .unwrap()
+    }
+
+    fn config(role: RoleMapping) -> ContextConfig {
+        ContextConfig::new(role, ["hr_employee", "hr_manager"])
+    }
+
+    #[test]
+    fn first_data_role_and_the_flattened_settings() {
+        let m = map(
+            &config(RoleMapping::FirstDataRole),
+            &ctx(
+                EndUserIdentity::named("al", None),
+                &["hr_manager", "hr_employee"],
+            ),
+        )
+        .unwrap();
+        assert_eq!((m.role.as_str(), m.end_user.as_str()), ("hr_manager", "al"));
+        assert_eq!(m.data_roles, r#"["hr_manager","hr_employee"]"#);
+        assert_eq!(
+            (m.names.as_slice(), m.values.as_slice()),
+            (&["hr.ctx.emp_id".to_owned()][..], &["3".to_owned()][..])
+        );
+        assert_eq!(
+            map(
+                &config(RoleMapping::FirstDataRole),
+                &ctx(EndUserIdentity::named("al", None), &[])
+            )
+            .unwrap_err(),
+            MappingError::NoDataRole
+        );
+    }
+
+    #[test]
+    fn fixed_role_and_the_allow_list() {
+        let m = map(
+            &config(RoleMapping::Fixed("hr_employee".into())),
+            &ctx(EndUserIdentity::named("al", None), &[]),
+        )
+        .unwrap();
+        assert_eq!(m.role, "hr_employee");
+        assert_eq!(
+            map(
+                &config(RoleMapping::Fixed("postgres".into())),
+                &ctx(EndUserIdentity::named("al", None), &[])
+            )
+            .unwrap_err(),
+            MappingError::RoleNotAllowed("postgres".into())
+        );
+        assert_eq!(
+            map(
+                &config(RoleMapping::FirstDataRole),
+                &ctx(
+                    EndUserIdentity::named("al", None),
+                    &["hr_employee", "admin"]
+                )
+            )
+            .unwrap_err(),
+            MappingError::DataRoleNotAllowed("admin".into())
+        );
+    }
+
+    #[test]
+    fn token_claims_give_the_end_user_and_the_role() {
+        let token = jwt(
+            serde_json::json!({"sub": "erin", "roles": ["hr_employee", "x"], "role": "hr_manager"}),
+        );
+        let identity = EndUserIdentity::token(token);
+        let m = map(
+            &config(RoleMapping::TokenClaim("roles".into())),
+            &ctx(identity.clone(), &[]),
+        )
+        .unwrap();
+        assert_eq!(
+            (m.role.as_str(), m.end_user.as_str()),
+            ("hr_employee", "erin")
+        );
+        let m = map(
+            &config(RoleMapping::TokenClaim("role".into())),
+            &ctx(identity.clone(), &[]),
+        )
+        .unwrap();
+        assert_eq!(m.role, "hr_manager");
+        assert_eq!(
+            map(
+                &config(RoleMapping::TokenClaim("groups".into())),
+                &ctx(identity, &[])
+            )
+            .unwrap_err(),
+            MappingError::ClaimMissing("groups".into())
+        );
+        let no_sub = EndUserIdentity::token(jwt(serde_json::json!({"role": "hr_manager"})));
+        assert_eq!(
+            map(
+                &config(RoleMapping::FirstDataRole),
+                &ctx(no_sub, &["hr_employee"])
+            )
+            .unwrap_err(),
+            MappingError::ClaimMissing("sub".into())
+        );
+        for opaque in ["opaque-token", "a.!!!.c", "a.bm90IGpzb24.c"] {
+            assert_eq!(
+                map(
+                    &config(RoleMapping::FirstDataRole),
+                    &ctx(EndUserIdentity::token(opaque), &["hr_employee"])
+                )
+                .unwrap_err(),
+                MappingError::TokenNotDecodable,
+                "{opaque}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_flat_statement_text_depends_on_the_count_only() {
+        assert_eq!(sync_types(2).len(), 9);
+        let sql = sync_sql(2);
+        assert!(
+            sql.ends_with("set_config($5, $6, $9), set_config($7, $8, $9)"),
+            "{sql}"
+        );
+        assert_eq!(sql.matches("set_config").count(), 6);
+    }
+}
