@@ -333,6 +333,7 @@ fn decode_claims(token: &str) -> Result<serde_json::Map<String, serde_json::Valu
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::context::EndUserIdentity;
