@@ -320,7 +320,7 @@ impl ClientWrapper {
 
     /// The statement and what it may do; text is prepared first (as tokio-postgres does)
     /// so that only prepared statements travel in a pipeline.
-    async fn resolve<T: ?Sized + ToStatement>(
+    pub(crate) async fn resolve<T: ?Sized + ToStatement>(
         &self,
         statement: &T,
     ) -> Result<(Statement, Effects), Error> {
@@ -393,44 +393,7 @@ impl ClientWrapper {
         Ok(statement)
     }
 
-    /// Like [`Client::query`].
-    pub async fn query<T>(
-        &self,
-        statement: &T,
-        params: &[&(dyn ToSql + Sync)],
-    ) -> Result<Vec<Row>, Error>
-    where
-        T: ?Sized + ToStatement,
-    {
-        let (statement, effects) = self.resolve(statement).await?;
-        self.run(effects, |c| c.query(&statement, params)).await
-    }
-
-    /// Like [`Client::query_one`].
-    pub async fn query_one<T>(
-        &self,
-        statement: &T,
-        params: &[&(dyn ToSql + Sync)],
-    ) -> Result<Row, Error>
-    where
-        T: ?Sized + ToStatement,
-    {
-        let (statement, effects) = self.resolve(statement).await?;
-        self.run(effects, |c| c.query_one(&statement, params)).await
-    }
-
-    /// Like [`Client::query_opt`].
-    pub async fn query_opt<T>(
-        &self,
-        statement: &T,
-        params: &[&(dyn ToSql + Sync)],
-    ) -> Result<Option<Row>, Error>
-    where
-        T: ?Sized + ToStatement,
-    {
-        let (statement, effects) = self.resolve(statement).await?;
-        self.run(effects, |c| c.query_opt(&statement, params)).await
-    }
+    statement_methods!();
 
     /// Like [`Client::query_raw`]. With a context in transaction scope, the COMMIT that
     /// ends the context's transaction travels in the same flight and is not awaited: the
@@ -444,57 +407,6 @@ impl ClientWrapper {
     {
         let (statement, effects) = self.resolve(statement).await?;
         self.run_as(effects, Commit::Send, |c| c.query_raw(&statement, params))
-            .await
-    }
-
-    /// Like [`Client::execute`].
-    pub async fn execute<T>(
-        &self,
-        statement: &T,
-        params: &[&(dyn ToSql + Sync)],
-    ) -> Result<u64, Error>
-    where
-        T: ?Sized + ToStatement,
-    {
-        let (statement, effects) = self.resolve(statement).await?;
-        self.run(effects, |c| c.execute(&statement, params)).await
-    }
-
-    /// Like [`Client::execute_raw`].
-    pub async fn execute_raw<T, P, I>(&self, statement: &T, params: I) -> Result<u64, Error>
-    where
-        T: ?Sized + ToStatement,
-        P: BorrowToSql,
-        I: IntoIterator<Item = P>,
-        I::IntoIter: ExactSizeIterator,
-    {
-        let (statement, effects) = self.resolve(statement).await?;
-        self.run(effects, |c| c.execute_raw(&statement, params))
-            .await
-    }
-
-    /// Like [`Client::query_typed`]: one unnamed statement, no prepare round trip, and
-    /// safe behind PgBouncer in transaction mode.
-    pub async fn query_typed(
-        &self,
-        query: &str,
-        params: &[(&(dyn ToSql + Sync), Type)],
-    ) -> Result<Vec<Row>, Error> {
-        self.run(sql_text::effects(query), |c| c.query_typed(query, params))
-            .await
-    }
-
-    /// Like [`Client::batch_execute`]. With a context in transaction scope, the text runs
-    /// inside the context's transaction: transaction control in it (`BEGIN`, `COMMIT`) is
-    /// not supported there; use [`transaction`](Self::transaction).
-    pub async fn batch_execute(&self, query: &str) -> Result<(), Error> {
-        self.run(sql_text::effects(query), |c| c.batch_execute(query))
-            .await
-    }
-
-    /// Like [`Client::simple_query`]; see [`batch_execute`](Self::batch_execute).
-    pub async fn simple_query(&self, query: &str) -> Result<Vec<SimpleQueryMessage>, Error> {
-        self.run(sql_text::effects(query), |c| c.simple_query(query))
             .await
     }
 

@@ -40,7 +40,11 @@
 //!   If the context statement fails (role dropped or not granted, a setting refused) the
 //!   transaction is aborted, the statement never runs, and the caller gets the context
 //!   statement's error. [`ClientWrapper::transaction`] sends `BEGIN` and the context in one
-//!   flight; every statement of the transaction then runs under it.
+//!   flight; every statement of the transaction then runs under it. SQL text run with a
+//!   context (`batch_execute`, `simple_query`) runs inside the context's transaction, so
+//!   transaction control in that text (`BEGIN`, `COMMIT`) is not supported there: use
+//!   [`ClientWrapper::transaction`]. `query_raw` and `copy_out` send the `COMMIT` in the
+//!   same flight without waiting for it, so that their rows stream.
 //! - [`ContextScope::Session`]: the context is set session-wide on the first statement of a
 //!   checkout (same pipeline, same fail-closed shape) and kept; the next statements go
 //!   bare. At the next checkout the first statement carries the reset, unless the same
@@ -59,6 +63,101 @@
 //! (`set_config(…, false)` inside a PL/pgSQL body) is not visible in the text: do not grant
 //! such functions to end-user roles, and write policies on the `ctxpool.*` settings, which
 //! the pool itself sets in every context transaction.
+
+/// The statement methods [`ClientWrapper`] and [`Transaction`] share: resolve the
+/// statement (text is prepared first), then run it through the type's own `run`, which
+/// decides what travels with it.
+macro_rules! statement_methods {
+    () => {
+        /// Like `tokio_postgres::Client::query`.
+        pub async fn query<T>(
+            &self,
+            statement: &T,
+            params: &[&(dyn ToSql + Sync)],
+        ) -> Result<Vec<Row>, Error>
+        where
+            T: ?Sized + ToStatement,
+        {
+            let (statement, effects) = self.resolve(statement).await?;
+            self.run(effects, |c| c.query(&statement, params)).await
+        }
+
+        /// Like `tokio_postgres::Client::query_one`.
+        pub async fn query_one<T>(
+            &self,
+            statement: &T,
+            params: &[&(dyn ToSql + Sync)],
+        ) -> Result<Row, Error>
+        where
+            T: ?Sized + ToStatement,
+        {
+            let (statement, effects) = self.resolve(statement).await?;
+            self.run(effects, |c| c.query_one(&statement, params)).await
+        }
+
+        /// Like `tokio_postgres::Client::query_opt`.
+        pub async fn query_opt<T>(
+            &self,
+            statement: &T,
+            params: &[&(dyn ToSql + Sync)],
+        ) -> Result<Option<Row>, Error>
+        where
+            T: ?Sized + ToStatement,
+        {
+            let (statement, effects) = self.resolve(statement).await?;
+            self.run(effects, |c| c.query_opt(&statement, params)).await
+        }
+
+        /// Like `tokio_postgres::Client::execute`.
+        pub async fn execute<T>(
+            &self,
+            statement: &T,
+            params: &[&(dyn ToSql + Sync)],
+        ) -> Result<u64, Error>
+        where
+            T: ?Sized + ToStatement,
+        {
+            let (statement, effects) = self.resolve(statement).await?;
+            self.run(effects, |c| c.execute(&statement, params)).await
+        }
+
+        /// Like `tokio_postgres::Client::execute_raw`.
+        pub async fn execute_raw<T, P, I>(&self, statement: &T, params: I) -> Result<u64, Error>
+        where
+            T: ?Sized + ToStatement,
+            P: BorrowToSql,
+            I: IntoIterator<Item = P>,
+            I::IntoIter: ExactSizeIterator,
+        {
+            let (statement, effects) = self.resolve(statement).await?;
+            self.run(effects, |c| c.execute_raw(&statement, params))
+                .await
+        }
+
+        /// Like `tokio_postgres::Client::query_typed`: one unnamed statement, no prepare
+        /// round trip, and safe behind PgBouncer in transaction mode.
+        pub async fn query_typed(
+            &self,
+            query: &str,
+            params: &[(&(dyn ToSql + Sync), Type)],
+        ) -> Result<Vec<Row>, Error> {
+            self.run(sql_text::effects(query), |c| c.query_typed(query, params))
+                .await
+        }
+
+        /// Like `tokio_postgres::Client::batch_execute`.
+        pub async fn batch_execute(&self, query: &str) -> Result<(), Error> {
+            self.run(sql_text::effects(query), |c| c.batch_execute(query))
+                .await
+        }
+
+        /// Like `tokio_postgres::Client::simple_query`.
+        pub async fn simple_query(&self, query: &str) -> Result<Vec<SimpleQueryMessage>, Error> {
+            self.run(sql_text::effects(query), |c| c.simple_query(query))
+                .await
+        }
+    };
+}
 
 mod client;
 mod config;

@@ -8,10 +8,11 @@ use std::sync::{Mutex, PoisonError};
 
 use tokio_postgres::types::{BorrowToSql, ToSql, Type};
 use tokio_postgres::{
-    CopyInSink, CopyOutStream, Error, IsolationLevel, Row, RowStream, SimpleQueryMessage, Statement,
+    Client, CopyInSink, CopyOutStream, Error, IsolationLevel, Row, RowStream, SimpleQueryMessage,
+    Statement,
 };
 
-use super::client::{ClientWrapper, StatementRef, ToStatement, isolation_sql};
+use super::client::{ClientWrapper, ToStatement, isolation_sql};
 use super::sql_text::{self, Effects};
 
 /// A transaction on a pooled connection, under the handle's context.
@@ -51,15 +52,19 @@ impl<'a> Transaction<'a> {
         e.changes_session |= effects.changes_session;
     }
 
-    /// Runs one statement, counting it in flight until it completes.
-    async fn run<R>(
-        &self,
+    /// Runs one statement, counting it in flight until it completes. The context is
+    /// already in effect: the transaction was opened with it.
+    async fn run<'s, R, Fut>(
+        &'s self,
         effects: Effects,
-        fut: impl Future<Output = Result<R, Error>>,
-    ) -> Result<R, Error> {
+        op: impl FnOnce(&'s Client) -> Fut,
+    ) -> Result<R, Error>
+    where
+        Fut: Future<Output = Result<R, Error>>,
+    {
         let in_flight = self.wrapper.in_flight();
         in_flight.fetch_add(1, Ordering::SeqCst);
-        let result = fut.await;
+        let result = op(self.wrapper.client()).await;
         in_flight.fetch_sub(1, Ordering::SeqCst);
         self.note(effects);
         result
@@ -69,13 +74,7 @@ impl<'a> Transaction<'a> {
         &self,
         statement: &T,
     ) -> Result<(Statement, Effects), Error> {
-        match statement.to_statement() {
-            StatementRef::Prepared(s) => Ok((s.clone(), self.wrapper.effects_of(s))),
-            StatementRef::Sql(sql) => {
-                let s = self.prepare(sql).await?;
-                Ok((s, sql_text::effects(sql)))
-            }
-        }
+        self.wrapper.resolve(statement).await
     }
 
     /// Like [`tokio_postgres::Transaction::prepare`].
@@ -102,46 +101,7 @@ impl<'a> Transaction<'a> {
         self.wrapper.prepare_typed_cached(query, types).await
     }
 
-    /// Like [`tokio_postgres::Transaction::query`].
-    pub async fn query<T>(
-        &self,
-        statement: &T,
-        params: &[&(dyn ToSql + Sync)],
-    ) -> Result<Vec<Row>, Error>
-    where
-        T: ?Sized + ToStatement,
-    {
-        let (s, e) = self.resolve(statement).await?;
-        self.run(e, self.wrapper.client().query(&s, params)).await
-    }
-
-    /// Like [`tokio_postgres::Transaction::query_one`].
-    pub async fn query_one<T>(
-        &self,
-        statement: &T,
-        params: &[&(dyn ToSql + Sync)],
-    ) -> Result<Row, Error>
-    where
-        T: ?Sized + ToStatement,
-    {
-        let (s, e) = self.resolve(statement).await?;
-        self.run(e, self.wrapper.client().query_one(&s, params))
-            .await
-    }
-
-    /// Like [`tokio_postgres::Transaction::query_opt`].
-    pub async fn query_opt<T>(
-        &self,
-        statement: &T,
-        params: &[&(dyn ToSql + Sync)],
-    ) -> Result<Option<Row>, Error>
-    where
-        T: ?Sized + ToStatement,
-    {
-        let (s, e) = self.resolve(statement).await?;
-        self.run(e, self.wrapper.client().query_opt(&s, params))
-            .await
-    }
+    statement_methods!();
 
     /// Like [`tokio_postgres::Transaction::query_raw`].
     pub async fn query_raw<T, P, I>(&self, statement: &T, params: I) -> Result<RowStream, Error>
@@ -152,65 +112,7 @@ impl<'a> Transaction<'a> {
         I::IntoIter: ExactSizeIterator,
     {
         let (s, e) = self.resolve(statement).await?;
-        self.run(e, self.wrapper.client().query_raw(&s, params))
-            .await
-    }
-
-    /// Like [`tokio_postgres::Transaction::query_typed`].
-    pub async fn query_typed(
-        &self,
-        query: &str,
-        params: &[(&(dyn ToSql + Sync), Type)],
-    ) -> Result<Vec<Row>, Error> {
-        self.run(
-            sql_text::effects(query),
-            self.wrapper.client().query_typed(query, params),
-        )
-        .await
-    }
-
-    /// Like [`tokio_postgres::Transaction::execute`].
-    pub async fn execute<T>(
-        &self,
-        statement: &T,
-        params: &[&(dyn ToSql + Sync)],
-    ) -> Result<u64, Error>
-    where
-        T: ?Sized + ToStatement,
-    {
-        let (s, e) = self.resolve(statement).await?;
-        self.run(e, self.wrapper.client().execute(&s, params)).await
-    }
-
-    /// Like [`tokio_postgres::Transaction::execute_raw`].
-    pub async fn execute_raw<T, P, I>(&self, statement: &T, params: I) -> Result<u64, Error>
-    where
-        T: ?Sized + ToStatement,
-        P: BorrowToSql,
-        I: IntoIterator<Item = P>,
-        I::IntoIter: ExactSizeIterator,
-    {
-        let (s, e) = self.resolve(statement).await?;
-        self.run(e, self.wrapper.client().execute_raw(&s, params))
-            .await
-    }
-
-    /// Like [`tokio_postgres::Transaction::batch_execute`].
-    pub async fn batch_execute(&self, query: &str) -> Result<(), Error> {
-        self.run(
-            sql_text::effects(query),
-            self.wrapper.client().batch_execute(query),
-        )
-        .await
-    }
-
-    /// Like [`tokio_postgres::Transaction::simple_query`].
-    pub async fn simple_query(&self, query: &str) -> Result<Vec<SimpleQueryMessage>, Error> {
-        self.run(
-            sql_text::effects(query),
-            self.wrapper.client().simple_query(query),
-        )
-        .await
+        self.run(e, |c| c.query_raw(&s, params)).await
     }
 
     /// Like [`tokio_postgres::Transaction::copy_in`].
@@ -220,7 +122,7 @@ impl<'a> Transaction<'a> {
         U: bytes::Buf + 'static + Send,
     {
         let (s, e) = self.resolve(statement).await?;
-        self.run(e, self.wrapper.client().copy_in(&s)).await
+        self.run(e, |c| c.copy_in(&s)).await
     }
 
     /// Like [`tokio_postgres::Transaction::copy_out`].
@@ -229,7 +131,7 @@ impl<'a> Transaction<'a> {
         T: ?Sized + ToStatement,
     {
         let (s, e) = self.resolve(statement).await?;
-        self.run(e, self.wrapper.client().copy_out(&s)).await
+        self.run(e, |c| c.copy_out(&s)).await
     }
 
     /// Commits the transaction (releases the savepoint).
@@ -240,10 +142,7 @@ impl<'a> Transaction<'a> {
             None => "COMMIT".to_owned(),
         };
         let result = self
-            .run(
-                Effects::default(),
-                self.wrapper.client().batch_execute(&sql),
-            )
+            .run(Effects::default(), |c| c.batch_execute(&sql))
             .await;
         self.finish(result.is_ok());
         result
@@ -257,10 +156,7 @@ impl<'a> Transaction<'a> {
             None => "ROLLBACK".to_owned(),
         };
         let result = self
-            .run(
-                Effects::default(),
-                self.wrapper.client().batch_execute(&sql),
-            )
+            .run(Effects::default(), |c| c.batch_execute(&sql))
             .await;
         self.finish(false);
         result
@@ -277,11 +173,8 @@ impl<'a> Transaction<'a> {
         let name = format!("\"{}\"", name.into().replace('"', "\"\""));
         let depth = self.depth + 1;
         let sql = format!("SAVEPOINT {name}");
-        self.run(
-            Effects::default(),
-            self.wrapper.client().batch_execute(&sql),
-        )
-        .await?;
+        self.run(Effects::default(), |c| c.batch_execute(&sql))
+            .await?;
         Ok(Transaction {
             wrapper: &mut *self.wrapper,
             savepoint: Some(name),
