@@ -3,7 +3,7 @@
 //! Services connect to their database with one shared, least-privileged account. With
 //! ctxpool they acquire each connection *as an end user*:
 //!
-//! ```ignore
+//! ```text
 //! let conn = pool.acquire_as(security_context).await?;   // or an EndUserIdentity
 //! ```
 //!

@@ -33,7 +33,7 @@ use super::{Manager, Pool, PoolBuilder, PoolConfig, Runtime};
 /// PG__POOL__TIMEOUTS__WAIT__SECS=5
 /// PG__POOL__TIMEOUTS__WAIT__NANOS=0
 /// ```
-/// ```rust,ignore
+/// ```text
 /// #[derive(serde::Deserialize, serde::Serialize)]
 /// struct Config {
 ///     pg: ctxpool::postgres::Config,
