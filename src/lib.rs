@@ -71,6 +71,8 @@ pub mod pool;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 pub mod provider;
+#[cfg(feature = "providers")]
+pub mod providers;
 #[cfg(feature = "testing")]
 pub mod testing;
 

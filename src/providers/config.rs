@@ -1,0 +1,483 @@
+//! `end_user_sec_params`: the identity-provider configuration of the reference's plug-in.
+//!
+//! The block names the token provider (`spi_type`), the OAuth flow (`auth_flow`), the
+//! token endpoint's `authority`, the application's `client_id` and `client_credential`,
+//! the `scopes` of the database-access token, and optional `data_roles` and `attributes`:
+//!
+//! ```
+//! # fn main() -> Result<(), ctxpool::providers::config::ConfigError> {
+//! use ctxpool::providers::config::{AuthFlow, EndUserSecParams, SpiType};
+//!
+//! let params = EndUserSecParams::from_json(r#"{
+//!     "extra_auth_params": {
+//!         "end_user_sec_params": {
+//!             "spi_type": "azure_tokens",
+//!             "auth_flow": "client_credentials",
+//!             "authority": "https://login.microsoftonline.com/my-tenant",
+//!             "client_id": "my-app",
+//!             "client_credential": "my-secret",
+//!             "scopes": "https://database.example.com/.default",
+//!             "data_roles": ["hr_role"],
+//!             "attributes": { "hr.hcm_context": { "emp_id": 3, "org_id": 5 } }
+//!         }
+//!     }
+//! }"#)?;
+//! assert_eq!(params.spi_type(), SpiType::AzureTokens);
+//! assert_eq!(params.auth_flow(), AuthFlow::ClientCredentials);
+//! assert!(!format!("{params:?}").contains("my-secret"));
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! The loaders accept the block bare, under `end_user_sec_params`, or under
+//! `extra_auth_params.end_user_sec_params` (where the reference places it), and validate it
+//! before returning: a loaded [`EndUserSecParams`] is always usable.
+//!
+//! Errors name the offending key and never contain the client credential: parse errors
+//! keep only the parser's message, never the TOML source snippet the `toml` crate would
+//! otherwise print.
+
+use std::fmt;
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Deserializer};
+use serde_json::Value;
+
+use crate::context::{Attributes, ContextError};
+
+/// The key under which the reference nests the block.
+const EXTRA_AUTH_PARAMS: &str = "extra_auth_params";
+/// The block's own key.
+const END_USER_SEC_PARAMS: &str = "end_user_sec_params";
+
+/// Which identity provider issues the database-access tokens (`spi_type`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SpiType {
+    /// Microsoft Entra ID (`azure_tokens`).
+    AzureTokens,
+    /// OCI IAM (`oci_tokens`).
+    OciTokens,
+}
+
+impl SpiType {
+    /// The configuration value, e.g. `azure_tokens`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::AzureTokens => "azure_tokens",
+            Self::OciTokens => "oci_tokens",
+        }
+    }
+}
+
+impl fmt::Display for SpiType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The OAuth 2.0 grant used to obtain the database-access token (`auth_flow`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthFlow {
+    /// The application's own credentials (`client_credentials`).
+    ClientCredentials,
+    /// A token for the end user, exchanged from the end user's token (`on_behalf_of`).
+    OnBehalfOf,
+}
+
+impl AuthFlow {
+    /// The configuration value, e.g. `on_behalf_of`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ClientCredentials => "client_credentials",
+            Self::OnBehalfOf => "on_behalf_of",
+        }
+    }
+}
+
+impl fmt::Display for AuthFlow {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why `end_user_sec_params` (or a token source built from it) was refused. Messages name
+/// the offending key and never contain the client credential.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The text did not parse, a key is unknown or missing, or a value has the wrong type.
+    #[error("end_user_sec_params is not valid: {reason}")]
+    Invalid {
+        /// The parser's message, which names the key.
+        reason: String,
+    },
+    /// A required value is empty or white space only.
+    #[error("end_user_sec_params key \"{key}\" is empty")]
+    Empty {
+        /// The key.
+        key: &'static str,
+    },
+    /// A value contains a control character.
+    #[error("end_user_sec_params key \"{key}\" contains a control character")]
+    ControlCharacter {
+        /// The key.
+        key: &'static str,
+    },
+    /// The provider does not support the flow (OCI IAM supports client credentials only).
+    #[error(
+        "end_user_sec_params key \"auth_flow\": {auth_flow} is not supported by spi_type {spi_type}"
+    )]
+    UnsupportedFlow {
+        /// The configured provider.
+        spi_type: SpiType,
+        /// The configured flow.
+        auth_flow: AuthFlow,
+    },
+    /// The authority is not a usable token endpoint base URL.
+    #[error("end_user_sec_params key \"authority\": {reason}")]
+    Authority {
+        /// Why; never the URL itself, which could carry credentials.
+        reason: &'static str,
+    },
+    /// The attributes do not form a valid security-context attribute set.
+    #[error("end_user_sec_params key \"attributes\": {0}")]
+    Attributes(#[source] ContextError),
+    /// The HTTPS client for the token endpoint could not be built.
+    #[error("could not build the HTTPS client for the token endpoint: {reason}")]
+    HttpClient {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// The wire shape, kept private so that every public [`EndUserSecParams`] has passed
+/// [`EndUserSecParams::validate`].
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawParams {
+    spi_type: SpiType,
+    auth_flow: AuthFlow,
+    authority: String,
+    client_id: String,
+    #[serde(deserialize_with = "secret_string")]
+    client_credential: SecretString,
+    #[serde(deserialize_with = "string_or_strings")]
+    scopes: Vec<String>,
+    #[serde(default)]
+    data_roles: Option<Vec<String>>,
+    #[serde(default)]
+    attributes: Option<Value>,
+}
+
+/// Wraps the credential at once; `secrecy` is built without its `serde` feature.
+fn secret_string<'de, D: Deserializer<'de>>(deserializer: D) -> Result<SecretString, D::Error> {
+    String::deserialize(deserializer).map(SecretString::from)
+}
+
+/// `scopes` is a string in the reference's examples and a list in many deployments.
+fn string_or_strings<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    // An untagged enum's own error ("did not match any variant") does not name the
+    // expectation; say it, so that the message is actionable.
+    match OneOrMany::deserialize(deserializer) {
+        // OAuth scopes are space-delimited, so a single string may hold several.
+        Ok(OneOrMany::One(scopes)) => Ok(scopes.split_whitespace().map(str::to_owned).collect()),
+        Ok(OneOrMany::Many(scopes)) => Ok(scopes),
+        Err(_) => Err(serde::de::Error::custom(
+            "invalid type for `scopes`: expected a string or an array of strings",
+        )),
+    }
+}
+
+/// The `end_user_sec_params` block: which identity provider issues database-access
+/// tokens, how, and which data roles and attributes complete the security context.
+///
+/// Built only by [`from_json`](Self::from_json) and [`from_toml`](Self::from_toml), which
+/// validate it. `Debug` redacts the client credential and shows only attribute keys.
+#[derive(Clone)]
+pub struct EndUserSecParams {
+    spi_type: SpiType,
+    auth_flow: AuthFlow,
+    authority: String,
+    client_id: String,
+    client_credential: SecretString,
+    scopes: Vec<String>,
+    data_roles: Option<Vec<String>>,
+    attributes: Option<Value>,
+}
+
+impl EndUserSecParams {
+    /// Loads the block from JSON: bare, under `end_user_sec_params`, or under
+    /// `extra_auth_params.end_user_sec_params`; then [validates](Self::validate) it.
+    pub fn from_json(text: &str) -> Result<Self, ConfigError> {
+        // serde_json's syntax errors give a position, never the input text.
+        let value: Value = serde_json::from_str(text).map_err(|e| ConfigError::Invalid {
+            reason: e.to_string(),
+        })?;
+        Self::from_value(value)
+    }
+
+    /// Loads the block from TOML: bare, as an `[end_user_sec_params]` table, or as an
+    /// `[extra_auth_params.end_user_sec_params]` table; then [validates](Self::validate) it.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        // `toml::de::Error`'s Display quotes the offending source line, which may be the
+        // credential's; keep only its message and the line number.
+        let table: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Invalid {
+            reason: toml_reason(&e, text),
+        })?;
+        // One validation path for both formats: TOML maps onto JSON losslessly for every
+        // value the block accepts (dates would become objects and fail validation).
+        let value = serde_json::to_value(table).map_err(|e| ConfigError::Invalid {
+            reason: e.to_string(),
+        })?;
+        Self::from_value(value)
+    }
+
+    fn from_value(value: Value) -> Result<Self, ConfigError> {
+        let block = unnest(value)?;
+        match RawParams::deserialize(&block) {
+            Ok(raw) => Self::from_raw(raw),
+            Err(error) => Err(ConfigError::Invalid {
+                reason: explain(&block, error),
+            }),
+        }
+    }
+
+    fn from_raw(raw: RawParams) -> Result<Self, ConfigError> {
+        let params = Self {
+            spi_type: raw.spi_type,
+            auth_flow: raw.auth_flow,
+            authority: raw.authority,
+            client_id: raw.client_id,
+            client_credential: raw.client_credential,
+            scopes: raw.scopes,
+            data_roles: raw.data_roles,
+            attributes: raw.attributes,
+        };
+        params.validate()?;
+        Ok(params)
+    }
+
+    /// Checks what serde cannot: the provider supports the flow, the authority is an
+    /// `https` URL (`http` only for loopback hosts, for tests), `client_id`,
+    /// `client_credential` and `scopes` are not empty, data roles are not empty, and the
+    /// attributes form a valid attribute set. The loaders call it.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.spi_type == SpiType::OciTokens && self.auth_flow == AuthFlow::OnBehalfOf {
+            return Err(ConfigError::UnsupportedFlow {
+                spi_type: self.spi_type,
+                auth_flow: self.auth_flow,
+            });
+        }
+        validate_authority(&self.authority)?;
+        require_text("client_id", &self.client_id)?;
+        require_text("client_credential", self.client_credential.expose_secret())?;
+        if self.scopes.is_empty() {
+            return Err(ConfigError::Empty { key: "scopes" });
+        }
+        for scope in &self.scopes {
+            require_text("scopes", scope)?;
+            // A scope with white space would split into several on the wire.
+            if scope.chars().any(char::is_whitespace) {
+                return Err(ConfigError::Invalid {
+                    reason: "key \"scopes\": a scope in a list must not contain white space"
+                        .to_owned(),
+                });
+            }
+        }
+        for role in self.data_roles.iter().flatten() {
+            require_text("data_roles", role)?;
+        }
+        if let Some(attributes) = &self.attributes {
+            Attributes::from_json(attributes.clone()).map_err(ConfigError::Attributes)?;
+        }
+        Ok(())
+    }
+
+    /// The identity provider.
+    pub fn spi_type(&self) -> SpiType {
+        self.spi_type
+    }
+
+    /// The OAuth flow.
+    pub fn auth_flow(&self) -> AuthFlow {
+        self.auth_flow
+    }
+
+    /// The token endpoint authority, e.g. `https://login.microsoftonline.com/<tenant>`.
+    pub fn authority(&self) -> &str {
+        &self.authority
+    }
+
+    /// The application's client id.
+    pub fn client_id(&self) -> &str {
+        &self.client_id
+    }
+
+    /// The application's client secret.
+    pub fn client_credential(&self) -> &SecretString {
+        &self.client_credential
+    }
+
+    /// The scopes of the database-access token (at least one).
+    pub fn scopes(&self) -> &[String] {
+        &self.scopes
+    }
+
+    /// The configured data roles, if any.
+    pub fn data_roles(&self) -> Option<&[String]> {
+        self.data_roles.as_deref()
+    }
+
+    /// The configured attributes, if any; valid for
+    /// [`Attributes::from_json`](crate::context::Attributes::from_json).
+    pub fn attributes(&self) -> Option<&Value> {
+        self.attributes.as_ref()
+    }
+}
+
+impl fmt::Debug for EndUserSecParams {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Attribute values may be personal data: show their keys only.
+        let attribute_keys: Option<Vec<&String>> = self.attributes.as_ref().map(|a| match a {
+            Value::Object(map) => map.keys().collect(),
+            _ => Vec::new(),
+        });
+        f.debug_struct("EndUserSecParams")
+            .field("spi_type", &self.spi_type)
+            .field("auth_flow", &self.auth_flow)
+            .field("authority", &self.authority)
+            .field("client_id", &self.client_id)
+            .field("client_credential", &"<redacted>")
+            .field("scopes", &self.scopes)
+            .field("data_roles", &self.data_roles)
+            .field("attributes", &attribute_keys)
+            .finish()
+    }
+}
+
+/// Takes the block out of `extra_auth_params` / `end_user_sec_params` wrappers, if any.
+fn unnest(value: Value) -> Result<Value, ConfigError> {
+    let Value::Object(mut map) = value else {
+        return Err(ConfigError::Invalid {
+            reason: "expected an object".to_owned(),
+        });
+    };
+    let mut nested = false;
+    if map.len() == 1 && map.contains_key(EXTRA_AUTH_PARAMS) {
+        match map.remove(EXTRA_AUTH_PARAMS) {
+            Some(Value::Object(inner)) => map = inner,
+            _ => return Err(not_a_table(EXTRA_AUTH_PARAMS)),
+        }
+        nested = true;
+    }
+    if (nested || map.len() == 1) && map.contains_key(END_USER_SEC_PARAMS) {
+        return match map.remove(END_USER_SEC_PARAMS) {
+            Some(block @ Value::Object(_)) => Ok(block),
+            _ => Err(not_a_table(END_USER_SEC_PARAMS)),
+        };
+    }
+    if nested {
+        return Err(ConfigError::Invalid {
+            reason: "missing field `end_user_sec_params` in `extra_auth_params`".to_owned(),
+        });
+    }
+    Ok(Value::Object(map))
+}
+
+/// serde's message for a failed block, prefixed with the key whose value failed: serde
+/// names the key for unknown and missing fields but not for a value of the wrong type.
+fn explain(block: &Value, error: serde_json::Error) -> String {
+    let Value::Object(map) = block else {
+        return error.to_string();
+    };
+    for (key, value) in map {
+        let field_error = match key.as_str() {
+            "spi_type" => SpiType::deserialize(value).err(),
+            "auth_flow" => AuthFlow::deserialize(value).err(),
+            "authority" | "client_id" => String::deserialize(value).err(),
+            "client_credential" => secret_string(value).err(),
+            "scopes" => string_or_strings(value).err(),
+            "data_roles" => Option::<Vec<String>>::deserialize(value).err(),
+            _ => None,
+        };
+        if let Some(field_error) = field_error {
+            return format!("key \"{key}\": {field_error}");
+        }
+    }
+    error.to_string()
+}
+
+fn not_a_table(key: &str) -> ConfigError {
+    ConfigError::Invalid {
+        reason: format!("`{key}` must be an object"),
+    }
+}
+
+/// The TOML parser's message with a line number, without the quoted source line.
+fn toml_reason(error: &toml::de::Error, text: &str) -> String {
+    let message = error.message().trim_end();
+    match error.span() {
+        Some(span) => {
+            let line = text
+                .get(..span.start)
+                .map_or(0, |before| before.matches('\n').count())
+                + 1;
+            format!("TOML parse error at line {line}: {message}")
+        }
+        None => format!("TOML parse error: {message}"),
+    }
+}
+
+fn require_text(key: &'static str, value: &str) -> Result<(), ConfigError> {
+    if value.trim().is_empty() {
+        return Err(ConfigError::Empty { key });
+    }
+    if value.chars().any(char::is_control) {
+        return Err(ConfigError::ControlCharacter { key });
+    }
+    Ok(())
+}
+
+fn validate_authority(authority: &str) -> Result<(), ConfigError> {
+    let error = |reason| Err(ConfigError::Authority { reason });
+    if authority.trim().is_empty() {
+        return error("is empty");
+    }
+    let Ok(url) = reqwest::Url::parse(authority) else {
+        return error("is not a URL");
+    };
+    if !url.username().is_empty() || url.password().is_some() {
+        // Credentials belong in `client_id` / `client_credential`, never in a URL that
+        // may be logged.
+        return error("must not contain user information");
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return error("must not contain a query or a fragment");
+    }
+    match url.scheme() {
+        "https" => {}
+        "http" if is_loopback(&url) => {}
+        "http" => return error("must use https (http is allowed for loopback hosts only)"),
+        _ => return error("must be an https URL"),
+    }
+    if url.host().is_none() {
+        return error("has no host");
+    }
+    Ok(())
+}
+
+fn is_loopback(url: &reqwest::Url) -> bool {
+    // `url` is not a direct dependency, so compare the serialized host (IPv6 in brackets).
+    matches!(
+        url.host_str().map(str::to_ascii_lowercase).as_deref(),
+        Some("localhost" | "127.0.0.1" | "[::1]")
+    )
+}

@@ -1,0 +1,143 @@
+//! The provider a pool is configured with: `end_user_sec_params` + a token source + the
+//! cache, completing end-user identities into security contexts.
+
+use std::fmt;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use secrecy::{ExposeSecret, SecretString};
+
+use crate::context::SecurityContext;
+use crate::provider::{ContextProvider, ContextRequest, ProviderError};
+
+use super::cache::{CacheKey, CacheOptions, TokenCache};
+use super::config::{AuthFlow, ConfigError, EndUserSecParams};
+use super::token_source::{HttpOptions, HttpTokenSource, TokenSource};
+
+/// Completes identities the way python-oracledb's `end_user_sec_provider` plug-in does, and
+/// right where it goes wrong: the cache hits, on-behalf-of works after a fetch, and a
+/// `(name, key)` identity is accepted (with client credentials; on-behalf-of needs the end
+/// user's token as its assertion).
+///
+/// The configured `data_roles` and `attributes` apply unless the request carries its own.
+/// An explicit [`SecurityContext`] passed to `acquire_as` never reaches the provider.
+pub struct EndUserSecProvider {
+    params: EndUserSecParams,
+    source: Arc<dyn TokenSource>,
+    cache: TokenCache,
+}
+
+impl fmt::Debug for EndUserSecProvider {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EndUserSecProvider")
+            .field("params", &self.params)
+            .field("cached_tokens", &self.cache.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl EndUserSecProvider {
+    /// A provider fetching tokens over HTTPS as `params` say, with default timeouts,
+    /// retries and cache.
+    pub fn new(params: EndUserSecParams) -> Result<Self, ConfigError> {
+        let source = HttpTokenSource::new(&params, HttpOptions::default())?;
+        Ok(Self::with_source(
+            params,
+            Arc::new(source),
+            CacheOptions::default(),
+        ))
+    }
+
+    /// A provider with its own token source (another identity provider, a test double) and
+    /// cache options.
+    pub fn with_source(
+        params: EndUserSecParams,
+        source: Arc<dyn TokenSource>,
+        cache: CacheOptions,
+    ) -> Self {
+        Self {
+            params,
+            source,
+            cache: TokenCache::new(cache),
+        }
+    }
+
+    /// The configuration.
+    pub fn params(&self) -> &EndUserSecParams {
+        &self.params
+    }
+
+    /// The token cache.
+    pub fn cache(&self) -> &TokenCache {
+        &self.cache
+    }
+
+    /// The database-access token for `request`, from the cache or the identity provider.
+    async fn database_access_token(
+        &self,
+        request: &ContextRequest,
+    ) -> Result<SecretString, ProviderError> {
+        let p = &self.params;
+        let provider = p.spi_type().as_str();
+        match p.auth_flow() {
+            AuthFlow::ClientCredentials => {
+                let key = CacheKey::client_credentials(
+                    provider,
+                    p.authority(),
+                    p.client_id(),
+                    p.scopes(),
+                );
+                self.cache
+                    .get_or_fetch(&key, || async {
+                        let t = self.source.fetch(None).await?;
+                        Ok((t.token, t.expires_in))
+                    })
+                    .await
+            }
+            AuthFlow::OnBehalfOf => {
+                let assertion = request.identity.token_secret().ok_or_else(|| {
+                    ProviderError::InvalidToken(
+                        "on-behalf-of needs the end user's token as its assertion".into(),
+                    )
+                })?;
+                let key = CacheKey::on_behalf_of(
+                    provider,
+                    p.authority(),
+                    p.client_id(),
+                    p.scopes(),
+                    assertion,
+                );
+                self.cache
+                    .get_or_fetch(&key, || async {
+                        let t = self.source.fetch(Some(assertion)).await?;
+                        Ok((t.token, t.expires_in))
+                    })
+                    .await
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl ContextProvider for EndUserSecProvider {
+    async fn security_context(
+        &self,
+        request: &ContextRequest,
+    ) -> Result<SecurityContext, ProviderError> {
+        let token = self.database_access_token(request).await?;
+        let mut builder =
+            SecurityContext::builder(request.identity.clone(), token.expose_secret().to_owned());
+        // Per-request roles and attributes replace the configured ones.
+        match (&request.data_roles, self.params.data_roles()) {
+            (Some(roles), _) => builder = builder.data_roles(roles.iter().cloned()),
+            (None, Some(roles)) => builder = builder.data_roles(roles.iter().cloned()),
+            (None, None) => {}
+        }
+        match (&request.attributes, self.params.attributes()) {
+            (Some(attributes), _) => builder = builder.attributes(attributes.clone()),
+            (None, Some(attributes)) => builder = builder.attributes(attributes.clone()),
+            (None, None) => {}
+        }
+        Ok(builder.build()?)
+    }
+}
