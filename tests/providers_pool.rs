@@ -156,3 +156,35 @@ async fn a_refusing_identity_provider_fails_closed() {
     // A plain connection is still available, with no error.
     assert!(pool.get().await.is_ok());
 }
+
+#[tokio::test]
+async fn an_invalid_end_user_token_is_refused_before_any_request() {
+    use ctxpool::providers::validation::{TokenValidator, ValidationConfig};
+    let idp = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(token_response("db"))
+        .expect(0)
+        .mount(&idp)
+        .await;
+    let validator = TokenValidator::new(ValidationConfig::new(
+        "https://issuer.example",
+        vec!["api://db".to_owned()],
+        format!("{}/jwks", idp.uri()),
+    ))
+    .unwrap();
+    let provider = EndUserSecProvider::new(params(&idp, "on_behalf_of"))
+        .unwrap()
+        .with_validator(validator);
+    let (pool, server) = pool(provider);
+    let err = pool
+        .acquire_as(EndUserIdentity::token("SECRET-not-a-jwt"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, PoolError::Provider(ProviderError::InvalidToken(_))),
+        "{err}"
+    );
+    assert!(!format!("{err} {err:?}").contains("SECRET"));
+    assert_eq!(server.stats().connects, 0);
+    // `expect(0)`: no token request was made, verified when `idp` drops.
+}

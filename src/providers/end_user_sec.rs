@@ -13,6 +13,7 @@ use crate::provider::{ContextProvider, ContextRequest, ProviderError};
 use super::cache::{CacheKey, CacheOptions, TokenCache};
 use super::config::{AuthFlow, ConfigError, EndUserSecParams};
 use super::token_source::{HttpOptions, HttpTokenSource, TokenSource};
+use super::validation::TokenValidator;
 
 /// Completes identities the way python-oracledb's `end_user_sec_provider` plug-in does, and
 /// right where it goes wrong: the cache hits, on-behalf-of works after a fetch, and a
@@ -25,6 +26,7 @@ pub struct EndUserSecProvider {
     params: EndUserSecParams,
     source: Arc<dyn TokenSource>,
     cache: TokenCache,
+    validator: Option<TokenValidator>,
 }
 
 impl fmt::Debug for EndUserSecProvider {
@@ -59,7 +61,18 @@ impl EndUserSecProvider {
             params,
             source,
             cache: TokenCache::new(cache),
+            validator: None,
         }
+    }
+
+    /// Verifies end-user tokens before anything else: a token that fails validation is an
+    /// error from `acquire_as`, before any token request and any SQL. PostgreSQL cannot
+    /// check tokens itself, so a pool in front of it should always set this for token
+    /// identities. The token's role claim (through the validator's allow-list) gives the
+    /// data roles unless the request names its own.
+    pub fn with_validator(mut self, validator: TokenValidator) -> Self {
+        self.validator = Some(validator);
+        self
     }
 
     /// The configuration.
@@ -124,14 +137,25 @@ impl ContextProvider for EndUserSecProvider {
         &self,
         request: &ContextRequest,
     ) -> Result<SecurityContext, ProviderError> {
+        // A token that fails validation never reaches the identity provider or the database.
+        let validated = match (&self.validator, request.identity.token_secret()) {
+            (Some(validator), Some(token)) => Some(validator.validate(token).await?),
+            _ => None,
+        };
         let token = self.database_access_token(request).await?;
         let mut builder =
             SecurityContext::builder(request.identity.clone(), token.expose_secret().to_owned());
         // Per-request roles and attributes replace the configured ones.
-        match (&request.data_roles, self.params.data_roles()) {
-            (Some(roles), _) => builder = builder.data_roles(roles.iter().cloned()),
-            (None, Some(roles)) => builder = builder.data_roles(roles.iter().cloned()),
-            (None, None) => {}
+        let claimed = validated
+            .as_ref()
+            .map(|v| v.data_roles.as_slice())
+            .filter(|r| !r.is_empty());
+        match (&request.data_roles, claimed, self.params.data_roles()) {
+            (Some(roles), _, _) => builder = builder.data_roles(roles.iter().cloned()),
+            (None, Some(roles), _) | (None, None, Some(roles)) => {
+                builder = builder.data_roles(roles.iter().cloned());
+            }
+            (None, None, None) => {}
         }
         match (&request.attributes, self.params.attributes()) {
             (Some(attributes), _) => builder = builder.attributes(attributes.clone()),

@@ -17,5 +17,6 @@ pub mod cache;
 pub mod config;
 mod end_user_sec;
 pub mod token_source;
+pub mod validation;
 
 pub use end_user_sec::EndUserSecProvider;

@@ -1,0 +1,578 @@
+//! Validating end users' tokens before their context reaches the database.
+//!
+//! PostgreSQL cannot check a JWT itself: whatever the pool puts into the session is
+//! trusted. So the pool checks the token first, with [`TokenValidator`]:
+//!
+//! - the signature, with a key from the issuer's JWKS, chosen by the header's `kid`;
+//! - the algorithm: in the configured allow-list *and* matching the key's type. `none` and
+//!   HMAC (`HS*`) are never accepted: a JWKS holds public keys, and an HMAC token "signed"
+//!   with a public key is the classic algorithm-confusion forgery;
+//! - `exp` and `nbf`, with a leeway for clock skew; `iss`; `aud`; a non-empty `sub`.
+//!
+//! The JWKS is fetched on first use and cached. A token with a `kid` not in the cache
+//! triggers a refetch (the issuer may have rotated its keys), at most once per
+//! [`ValidationConfig::jwks_min_refetch_interval`], so that tokens with made-up `kid`s
+//! cannot turn the pool into an amplifier against the identity provider.
+//!
+//! Errors never carry the token, a claim value or a response body: at most an algorithm
+//! name (checked to be a short identifier) or an HTTP status.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fmt;
+use std::net::IpAddr;
+use std::str::FromStr;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::jwk::Jwk;
+use jsonwebtoken::{DecodingKey, Validation};
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::{Map, Value};
+use tokio::time::Instant;
+
+use crate::ProviderError;
+
+pub use jsonwebtoken::Algorithm;
+
+/// The largest JWKS body read; real ones are a few kilobytes.
+const MAX_JWKS_LEN: usize = 256 * 1024;
+/// The longest token considered; real ones are a few kilobytes, and this bounds the work
+/// an unauthenticated caller can make the validator do before the signature check.
+const MAX_TOKEN_LEN: usize = 64 * 1024;
+/// The longest header `alg` echoed into an error; longer or odd ones are replaced, since
+/// the header is attacker-controlled text.
+const MAX_ALG_LEN: usize = 16;
+/// What an unprintable `alg` is reported as.
+const UNRECOGNIZED_ALG: &str = "unrecognized";
+/// Bound on connecting to the JWKS endpoint.
+const JWKS_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bound on one JWKS request, body included.
+const JWKS_TOTAL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a token was refused, or a validator could not be built.
+///
+/// Never carries the token, a claim value or a response body.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ValidationError {
+    /// Not a well-formed JWS compact token (three base64url parts, JSON header and claims,
+    /// an `alg`, an `exp`), or longer than 64 KiB.
+    #[error("the token is malformed")]
+    Malformed,
+    /// The header's algorithm is not allowed, or does not fit the key it names.
+    #[error("the token's algorithm `{0}` is not allowed")]
+    AlgorithmNotAllowed(String),
+    /// The header has no `kid`, or one that is not in the JWKS, even after a refetch.
+    #[error("the token's signing key is not in the issuer's key set")]
+    UnknownKey,
+    /// The signature does not verify.
+    #[error("the token's signature does not verify")]
+    BadSignature,
+    /// `exp` is past, beyond the leeway.
+    #[error("the token has expired")]
+    Expired,
+    /// `nbf` is ahead, beyond the leeway.
+    #[error("the token is not valid yet")]
+    NotYetValid,
+    /// `iss` is missing or not the configured issuer.
+    #[error("the token's issuer is not the expected one")]
+    WrongIssuer,
+    /// `aud` is missing or names none of the configured audiences.
+    #[error("the token's audience is not an expected one")]
+    WrongAudience,
+    /// `sub` is missing, empty or not a string.
+    #[error("the token has no subject")]
+    MissingSubject,
+    /// The JWKS could not be fetched or read.
+    #[error("the issuer's key set is unavailable: {0}")]
+    Jwks(String),
+    /// The configuration is unusable.
+    #[error("invalid token validation configuration: {0}")]
+    Config(String),
+}
+
+impl From<ValidationError> for ProviderError {
+    fn from(e: ValidationError) -> Self {
+        ProviderError::InvalidToken(e.to_string())
+    }
+}
+
+/// How tokens are validated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ValidationConfig {
+    /// The expected `iss`, exactly.
+    pub issuer: String,
+    /// The accepted `aud` values; a token must name at least one. Must not be empty.
+    pub audience: Vec<String>,
+    /// The accepted algorithms. Default `[RS256, ES256]`. HMAC (`HS*`) is refused by
+    /// [`TokenValidator::new`]; `none` cannot be expressed and is always refused.
+    pub algorithms: Vec<Algorithm>,
+    /// Tolerated clock skew for `exp` and `nbf` (whole seconds count). Default 60 s.
+    pub leeway: Duration,
+    /// Where the issuer's JWKS is: `https`, or `http` on a loopback address (tests).
+    pub jwks_url: String,
+    /// The claim holding the user's roles (an array of strings, or one string), e.g.
+    /// `roles`. `None`: no data roles.
+    pub role_claim: Option<String>,
+    /// The roles a token may grant. Roles in the claim but not in this set are dropped
+    /// silently, not an error: the token stays valid with fewer data roles, because
+    /// identity providers put many roles into tokens that mean nothing to the database.
+    pub allowed_roles: BTreeSet<String>,
+    /// The shortest time between two JWKS fetches triggered by an unknown `kid`.
+    /// Default 60 s.
+    pub jwks_min_refetch_interval: Duration,
+}
+
+impl ValidationConfig {
+    /// A configuration with the defaults: `[RS256, ES256]`, 60 s leeway, no role claim,
+    /// 60 s between refetches.
+    pub fn new(
+        issuer: impl Into<String>,
+        audience: Vec<String>,
+        jwks_url: impl Into<String>,
+    ) -> Self {
+        Self {
+            issuer: issuer.into(),
+            audience,
+            algorithms: vec![Algorithm::RS256, Algorithm::ES256],
+            leeway: Duration::from_secs(60),
+            jwks_url: jwks_url.into(),
+            role_claim: None,
+            allowed_roles: BTreeSet::new(),
+            jwks_min_refetch_interval: Duration::from_secs(60),
+        }
+    }
+}
+
+/// What a valid token says. Holds no token, so `Debug` is safe.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ValidatedToken {
+    /// The `sub` claim.
+    pub subject: String,
+    /// The roles of the role claim that are in [`ValidationConfig::allowed_roles`], in the
+    /// claim's order, without duplicates.
+    pub data_roles: Vec<String>,
+    /// All claims.
+    pub claims: Map<String, Value>,
+}
+
+/// A JWKS key, ready for verification.
+struct CachedKey {
+    key: DecodingKey,
+    /// The algorithms this key's type can verify.
+    algorithms: &'static [Algorithm],
+    /// The JWK's own `alg`, if it pins one.
+    pinned: Option<Algorithm>,
+}
+
+/// The fetch bookkeeping, under an async mutex so that concurrent misses fetch once.
+struct FetchState {
+    last_attempt: Option<Instant>,
+    /// The last attempt's failure, reported to misses within the interval after it.
+    last_error: Option<String>,
+}
+
+/// Validates end-user tokens against an issuer's JWKS. `Send + Sync`; share it in an
+/// [`Arc`].
+pub struct TokenValidator {
+    config: ValidationConfig,
+    jwks_url: reqwest::Url,
+    client: reqwest::Client,
+    keys: RwLock<Arc<HashMap<String, CachedKey>>>,
+    fetch: tokio::sync::Mutex<FetchState>,
+}
+
+impl fmt::Debug for TokenValidator {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenValidator")
+            .field("config", &self.config)
+            .field("cached_keys", &self.cached_keys().len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl TokenValidator {
+    /// A validator for `config`. Refuses an empty issuer or audience, an empty allow-list,
+    /// HMAC algorithms and a JWKS URL that is neither `https` nor `http` on loopback.
+    pub fn new(config: ValidationConfig) -> Result<Self, ValidationError> {
+        if config.issuer.is_empty() {
+            return Err(ValidationError::Config("the issuer is empty".into()));
+        }
+        if config.audience.is_empty() || config.audience.iter().any(String::is_empty) {
+            return Err(ValidationError::Config(
+                "the audience list is empty or has an empty entry".into(),
+            ));
+        }
+        if config.algorithms.is_empty() {
+            return Err(ValidationError::Config(
+                "the algorithm allow-list is empty".into(),
+            ));
+        }
+        if let Some(hmac) = config.algorithms.iter().find(|a| is_hmac(**a)) {
+            // A JWKS holds public keys: allowing HMAC would let anyone holding the public
+            // key mint tokens.
+            return Err(ValidationError::Config(format!(
+                "HMAC algorithm {hmac:?} is not allowed"
+            )));
+        }
+        let jwks_url = reqwest::Url::parse(&config.jwks_url)
+            .map_err(|_| ValidationError::Config("the JWKS URL is not a valid URL".into()))?;
+        if !jwks_url_allowed(&jwks_url) {
+            return Err(ValidationError::Config(
+                "the JWKS URL must be https (or http on loopback)".into(),
+            ));
+        }
+        let client = reqwest::Client::builder()
+            .use_rustls_tls()
+            .connect_timeout(JWKS_CONNECT_TIMEOUT)
+            .timeout(JWKS_TOTAL_TIMEOUT)
+            // The key set must come from the configured host, not wherever it points.
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| ValidationError::Config(format!("HTTP client: {e}")))?;
+        Ok(Self {
+            config,
+            jwks_url,
+            client,
+            keys: RwLock::new(Arc::new(HashMap::new())),
+            fetch: tokio::sync::Mutex::new(FetchState {
+                last_attempt: None,
+                last_error: None,
+            }),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ValidationConfig {
+        &self.config
+    }
+
+    /// Validates `token`: signature, algorithm, `exp`/`nbf` with leeway, `iss`, `aud`,
+    /// `sub`. May fetch the JWKS (first use, or an unknown `kid`, rate-limited).
+    pub async fn validate(&self, token: &SecretString) -> Result<ValidatedToken, ValidationError> {
+        let token = token.expose_secret();
+        let header = parse_structure(token)?;
+        let alg = self.allowed_algorithm(&header)?;
+        let kid = match header.get("kid") {
+            Some(Value::String(kid)) => kid.as_str(),
+            Some(_) => return Err(ValidationError::Malformed),
+            None => return Err(ValidationError::UnknownKey),
+        };
+        let keys = self.keys_with(kid).await?;
+        let cached = keys.get(kid).ok_or(ValidationError::UnknownKey)?;
+        // The key type decides which algorithms it verifies, not the token: an RSA key
+        // never verifies an ECDSA token and vice versa, whatever the header claims.
+        if !cached.algorithms.contains(&alg) || cached.pinned.is_some_and(|p| p != alg) {
+            return Err(ValidationError::AlgorithmNotAllowed(format!("{alg:?}")));
+        }
+        let claims = self.verify(token, alg, &cached.key)?;
+        let subject = match claims.get("sub") {
+            Some(Value::String(s)) if !s.is_empty() => s.clone(),
+            _ => return Err(ValidationError::MissingSubject),
+        };
+        let data_roles = self.data_roles(&claims);
+        Ok(ValidatedToken {
+            subject,
+            data_roles,
+            claims,
+        })
+    }
+
+    /// The header's algorithm, if it is allowed.
+    fn allowed_algorithm(&self, header: &Map<String, Value>) -> Result<Algorithm, ValidationError> {
+        let Some(Value::String(name)) = header.get("alg") else {
+            return Err(ValidationError::Malformed);
+        };
+        let refused = || ValidationError::AlgorithmNotAllowed(printable_alg(name));
+        // `none` and unknown names fail to parse; HMAC is refused here even if the
+        // allow-list were to change, as a second line against algorithm confusion.
+        let alg = Algorithm::from_str(name).map_err(|_| refused())?;
+        if is_hmac(alg) || !self.config.algorithms.contains(&alg) {
+            return Err(refused());
+        }
+        Ok(alg)
+    }
+
+    /// Verifies the signature and the registered claims.
+    fn verify(
+        &self,
+        token: &str,
+        alg: Algorithm,
+        key: &DecodingKey,
+    ) -> Result<Map<String, Value>, ValidationError> {
+        let mut validation = Validation::new(alg);
+        validation.leeway = self.config.leeway.as_secs();
+        validation.validate_exp = true;
+        validation.validate_nbf = true;
+        validation.validate_aud = true;
+        validation.set_issuer(&[self.config.issuer.as_str()]);
+        validation.set_audience(&self.config.audience);
+        validation.set_required_spec_claims(&["exp", "iss", "aud"]);
+        jsonwebtoken::decode::<Map<String, Value>>(token, key, &validation)
+            .map(|data| data.claims)
+            .map_err(|e| match e.into_kind() {
+                ErrorKind::InvalidSignature => ValidationError::BadSignature,
+                ErrorKind::ExpiredSignature => ValidationError::Expired,
+                ErrorKind::ImmatureSignature => ValidationError::NotYetValid,
+                ErrorKind::InvalidIssuer => ValidationError::WrongIssuer,
+                ErrorKind::InvalidAudience => ValidationError::WrongAudience,
+                ErrorKind::MissingRequiredClaim(c) if c == "iss" => ValidationError::WrongIssuer,
+                ErrorKind::MissingRequiredClaim(c) if c == "aud" => ValidationError::WrongAudience,
+                ErrorKind::InvalidAlgorithm => {
+                    ValidationError::AlgorithmNotAllowed(format!("{alg:?}"))
+                }
+                // A key the crypto backend rejects cannot verify anything.
+                ErrorKind::InvalidEcdsaKey
+                | ErrorKind::InvalidEddsaKey
+                | ErrorKind::InvalidRsaKey(_)
+                | ErrorKind::InvalidKeyFormat => ValidationError::BadSignature,
+                _ => ValidationError::Malformed,
+            })
+    }
+
+    /// The role claim's roles that are allowed, deduplicated, in the claim's order.
+    fn data_roles(&self, claims: &Map<String, Value>) -> Vec<String> {
+        let Some(claim) = &self.config.role_claim else {
+            return Vec::new();
+        };
+        let candidates: Vec<&str> = match claims.get(claim) {
+            Some(Value::String(role)) => vec![role.as_str()],
+            Some(Value::Array(roles)) => roles.iter().filter_map(Value::as_str).collect(),
+            // Missing or of another type: no roles, like roles outside the allow-list.
+            _ => Vec::new(),
+        };
+        let mut roles: Vec<String> = Vec::new();
+        for role in candidates {
+            if self.config.allowed_roles.contains(role) && !roles.iter().any(|r| r == role) {
+                roles.push(role.to_owned());
+            }
+        }
+        roles
+    }
+
+    /// A snapshot of the cached keys.
+    fn cached_keys(&self) -> Arc<HashMap<String, CachedKey>> {
+        // A poisoned lock only means a writer panicked between two whole-map swaps: the
+        // map inside is still a consistent snapshot.
+        match self.keys.read() {
+            Ok(keys) => Arc::clone(&keys),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        }
+    }
+
+    /// The key set, refetched if it lacks `kid` and the rate limit allows.
+    async fn keys_with(
+        &self,
+        kid: &str,
+    ) -> Result<Arc<HashMap<String, CachedKey>>, ValidationError> {
+        let keys = self.cached_keys();
+        if keys.contains_key(kid) {
+            return Ok(keys);
+        }
+        let mut state = self.fetch.lock().await;
+        // Another task may have fetched while this one waited for the lock.
+        let keys = self.cached_keys();
+        if keys.contains_key(kid) {
+            return Ok(keys);
+        }
+        if let Some(last) = state.last_attempt
+            && last.elapsed() < self.config.jwks_min_refetch_interval
+        {
+            return match &state.last_error {
+                Some(reason) => Err(ValidationError::Jwks(reason.clone())),
+                None => Err(ValidationError::UnknownKey),
+            };
+        }
+        // Counted before the request so that a failing endpoint is rate-limited too.
+        state.last_attempt = Some(Instant::now());
+        match self.fetch_jwks().await {
+            Ok(fresh) => {
+                state.last_error = None;
+                let fresh = Arc::new(fresh);
+                match self.keys.write() {
+                    Ok(mut keys) => *keys = Arc::clone(&fresh),
+                    Err(poisoned) => *poisoned.into_inner() = Arc::clone(&fresh),
+                }
+                tracing::debug!(keys = fresh.len(), "fetched the JWKS");
+                Ok(fresh)
+            }
+            Err(reason) => {
+                tracing::warn!(%reason, "fetching the JWKS failed");
+                state.last_error = Some(reason.clone());
+                Err(ValidationError::Jwks(reason))
+            }
+        }
+    }
+
+    /// Fetches and parses the JWKS. The error is a short reason without the body.
+    async fn fetch_jwks(&self) -> Result<HashMap<String, CachedKey>, String> {
+        let mut response = self
+            .client
+            .get(self.jwks_url.clone())
+            .header(reqwest::header::ACCEPT, "application/json")
+            .send()
+            .await
+            .map_err(|e| transport_reason(&e))?;
+        let status = response.status();
+        if !status.is_success() {
+            return Err(format!("HTTP {}", status.as_u16()));
+        }
+        if response
+            .content_length()
+            .is_some_and(|len| len > MAX_JWKS_LEN as u64)
+        {
+            return Err("the response is too large".into());
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(|e| transport_reason(&e))? {
+            if body.len() + chunk.len() > MAX_JWKS_LEN {
+                return Err("the response is too large".into());
+            }
+            body.extend_from_slice(&chunk);
+        }
+        parse_jwks(&body).ok_or_else(|| "the response is not a JWKS".to_owned())
+    }
+}
+
+/// A transport failure, without the URL's query or anything from the response.
+fn transport_reason(e: &reqwest::Error) -> String {
+    if e.is_timeout() {
+        "timed out".into()
+    } else if e.is_connect() {
+        "could not connect".into()
+    } else {
+        "transport error".into()
+    }
+}
+
+/// The usable signing keys of a JWKS body, by `kid`. `None` if it is not a JWKS at all;
+/// single keys that are unusable (no `kid`, encryption keys, symmetric or unsupported key
+/// types) are skipped so that one odd key does not take the others down.
+fn parse_jwks(body: &[u8]) -> Option<HashMap<String, CachedKey>> {
+    let set: Value = serde_json::from_slice(body).ok()?;
+    let entries = set.get("keys")?.as_array()?;
+    let mut keys = HashMap::new();
+    for entry in entries {
+        let Some(kid) = entry.get("kid").and_then(Value::as_str) else {
+            continue;
+        };
+        if entry
+            .get("use")
+            .and_then(Value::as_str)
+            .is_some_and(|u| u != "sig")
+        {
+            continue;
+        }
+        let kty = entry.get("kty").and_then(Value::as_str).unwrap_or_default();
+        let crv = entry.get("crv").and_then(Value::as_str).unwrap_or_default();
+        let algorithms: &'static [Algorithm] = match (kty, crv) {
+            ("RSA", _) => &[
+                Algorithm::RS256,
+                Algorithm::RS384,
+                Algorithm::RS512,
+                Algorithm::PS256,
+                Algorithm::PS384,
+                Algorithm::PS512,
+            ],
+            ("EC", "P-256") => &[Algorithm::ES256],
+            ("EC", "P-384") => &[Algorithm::ES384],
+            ("OKP", "Ed25519") => &[Algorithm::EdDSA],
+            // `oct` (symmetric) keys never belong in a public key set; others are
+            // unsupported.
+            _ => continue,
+        };
+        let pinned = match entry.get("alg").and_then(Value::as_str) {
+            None => None,
+            Some(name) => match Algorithm::from_str(name) {
+                Ok(alg) if algorithms.contains(&alg) => Some(alg),
+                // A key pinned to an algorithm its type cannot do is inconsistent: skip it.
+                _ => continue,
+            },
+        };
+        let Ok(jwk) = serde_json::from_value::<Jwk>(entry.clone()) else {
+            continue;
+        };
+        let Ok(key) = DecodingKey::from_jwk(&jwk) else {
+            continue;
+        };
+        keys.insert(
+            kid.to_owned(),
+            CachedKey {
+                key,
+                algorithms,
+                pinned,
+            },
+        );
+    }
+    Some(keys)
+}
+
+/// Checks the compact structure (three base64url parts, JSON-object header and claims)
+/// and returns the header, so that malformed tokens are told apart from forged ones.
+fn parse_structure(token: &str) -> Result<Map<String, Value>, ValidationError> {
+    if token.len() > MAX_TOKEN_LEN {
+        return Err(ValidationError::Malformed);
+    }
+    let mut parts = token.split('.');
+    let (Some(header), Some(claims), Some(signature), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(ValidationError::Malformed);
+    };
+    let object = |part: &str| -> Result<Map<String, Value>, ValidationError> {
+        let bytes = URL_SAFE_NO_PAD
+            .decode(part)
+            .map_err(|_| ValidationError::Malformed)?;
+        match serde_json::from_slice(&bytes) {
+            Ok(Value::Object(map)) => Ok(map),
+            _ => Err(ValidationError::Malformed),
+        }
+    };
+    let header = object(header)?;
+    object(claims)?;
+    URL_SAFE_NO_PAD
+        .decode(signature)
+        .map_err(|_| ValidationError::Malformed)?;
+    Ok(header)
+}
+
+/// Whether `alg` is an HMAC algorithm.
+fn is_hmac(alg: Algorithm) -> bool {
+    matches!(alg, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512)
+}
+
+/// A header `alg` fit for an error message: short identifiers as they are, anything else
+/// replaced.
+fn printable_alg(name: &str) -> String {
+    if !name.is_empty()
+        && name.len() <= MAX_ALG_LEN
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        name.to_owned()
+    } else {
+        UNRECOGNIZED_ALG.to_owned()
+    }
+}
+
+/// `https`, or `http` on a loopback host (tests, local sidecars).
+fn jwks_url_allowed(url: &reqwest::Url) -> bool {
+    match url.scheme() {
+        "https" => url.host_str().is_some(),
+        "http" => match url.host_str() {
+            Some(host) if host.eq_ignore_ascii_case("localhost") => true,
+            // IPv6 hosts come bracketed.
+            Some(host) => host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse::<IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback()),
+            None => false,
+        },
+        _ => false,
+    }
+}
