@@ -103,7 +103,11 @@ async fn on_behalf_of_is_per_user_and_needs_the_users_token() {
         .expect(1)
         .mount(&idp)
         .await;
-    let (pool, _) = pool(EndUserSecProvider::new(params(&idp, "on_behalf_of")).unwrap());
+    // The token endpoint stands in for the identity provider: no validator here.
+    let provider = EndUserSecProvider::new(params(&idp, "on_behalf_of"))
+        .unwrap()
+        .without_token_validation();
+    let (pool, _) = pool(provider);
     let token_of = |c: &ctxpool::Object<MemBackend>| {
         use secrecy::ExposeSecret;
         c.end_user_security_context()
@@ -187,4 +191,25 @@ async fn an_invalid_end_user_token_is_refused_before_any_request() {
     assert!(!format!("{err} {err:?}").contains("SECRET"));
     assert_eq!(server.stats().connects, 0);
     // `expect(0)`: no token request was made, verified when `idp` drops.
+}
+
+#[tokio::test]
+async fn token_identities_need_a_validator_by_default() {
+    let idp = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(token_response("db"))
+        .expect(0)
+        .mount(&idp)
+        .await;
+    let (pool, server) = pool(EndUserSecProvider::new(params(&idp, "on_behalf_of")).unwrap());
+    let err = pool
+        .acquire_as(EndUserIdentity::token("user-one"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, PoolError::Provider(ProviderError::InvalidToken(_))),
+        "{err}"
+    );
+    assert_eq!(server.stats().connects, 0);
+    // `expect(0)`: refused before any token request.
 }

@@ -26,7 +26,17 @@ pub struct EndUserSecProvider {
     params: EndUserSecParams,
     source: Arc<dyn TokenSource>,
     cache: TokenCache,
-    validator: Option<TokenValidator>,
+    validation: Validation,
+}
+
+/// What the provider does with an end user's token before using it.
+enum Validation {
+    /// Verify it: the default once a validator is set.
+    With(TokenValidator),
+    /// Refuse token identities: no validator was set and validation was not waived.
+    Required,
+    /// Trust it: for a database that verifies tokens itself (Oracle Deep Data Security).
+    Waived,
 }
 
 impl fmt::Debug for EndUserSecProvider {
@@ -61,17 +71,26 @@ impl EndUserSecProvider {
             params,
             source,
             cache: TokenCache::new(cache),
-            validator: None,
+            validation: Validation::Required,
         }
     }
 
-    /// Verifies end-user tokens before anything else: a token that fails validation is an
+    /// Verifies end-user tokens before anything else (required for token identities unless
+    /// [waived](Self::without_token_validation)): a token that fails validation is an
     /// error from `acquire_as`, before any token request and any SQL. PostgreSQL cannot
     /// check tokens itself, so a pool in front of it should always set this for token
     /// identities. The token's role claim (through the validator's allow-list) gives the
     /// data roles unless the request names its own.
     pub fn with_validator(mut self, validator: TokenValidator) -> Self {
-        self.validator = Some(validator);
+        self.validation = Validation::With(validator);
+        self
+    }
+
+    /// Uses end-user tokens without verifying them. Only for a database that verifies them
+    /// itself; without this or a [validator](Self::with_validator), token identities are
+    /// refused (fail closed). Named identities need no validation either way.
+    pub fn without_token_validation(mut self) -> Self {
+        self.validation = Validation::Waived;
         self
     }
 
@@ -138,8 +157,13 @@ impl ContextProvider for EndUserSecProvider {
         request: &ContextRequest,
     ) -> Result<SecurityContext, ProviderError> {
         // A token that fails validation never reaches the identity provider or the database.
-        let validated = match (&self.validator, request.identity.token_secret()) {
-            (Some(validator), Some(token)) => Some(validator.validate(token).await?),
+        let validated = match (&self.validation, request.identity.token_secret()) {
+            (Validation::With(validator), Some(token)) => Some(validator.validate(token).await?),
+            (Validation::Required, Some(_)) => {
+                return Err(ProviderError::InvalidToken(
+                    "end-user tokens need a validator (or validation waived explicitly)".into(),
+                ));
+            }
             _ => None,
         };
         let token = self.database_access_token(request).await?;
