@@ -32,7 +32,7 @@ pub struct EndUserSecProvider {
 /// What the provider does with an end user's token before using it.
 enum Validation {
     /// Verify it: the default once a validator is set.
-    With(TokenValidator),
+    With(Box<TokenValidator>),
     /// Refuse token identities: no validator was set and validation was not waived.
     Required,
     /// Trust it: for a database that verifies tokens itself (Oracle Deep Data Security).
@@ -82,7 +82,7 @@ impl EndUserSecProvider {
     /// identities. The token's role claim (through the validator's allow-list) gives the
     /// data roles unless the request names its own.
     pub fn with_validator(mut self, validator: TokenValidator) -> Self {
-        self.validation = Validation::With(validator);
+        self.validation = Validation::With(Box::new(validator));
         self
     }
 
