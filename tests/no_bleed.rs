@@ -5,16 +5,17 @@
 //!
 //! `PROPTEST_CASES` raises the case count (default 10,000).
 
-use std::future::Future;
-use std::pin::Pin;
-use std::sync::{Arc, Mutex, Once};
-use std::task::{Context, Poll};
+use std::sync::{Arc, Mutex};
 
 use ctxpool::testing::{MemBackend, MemError, MemServer, Observation, Statement};
 use ctxpool::{
     ContextRequest, EndUserIdentity, Pool, SecurityContext, provider::StaticTokenProvider,
 };
 use proptest::prelude::*;
+
+#[path = "support/poll.rs"]
+mod poll;
+use poll::{DELIBERATE_PANIC, PollLimited, silence_deliberate_panics};
 
 const IDENTITIES: usize = 4;
 /// Identity 3 is refused by the server in schedules that say so.
@@ -110,31 +111,6 @@ fn schedule() -> impl Strategy<Value = Schedule> {
             latency,
             tasks,
         })
-}
-
-/// Resolves to `None` once the inner future has been polled `limit` times without
-/// finishing, dropping it right there: a cancellation at that exact await point.
-struct PollLimited<F> {
-    inner: Option<Pin<Box<F>>>,
-    left: u16,
-}
-
-impl<F: Future> Future for PollLimited<F> {
-    type Output = Option<F::Output>;
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        if self.left == 0 {
-            self.inner = None;
-            return Poll::Ready(None);
-        }
-        self.left -= 1;
-        let Some(inner) = self.inner.as_mut() else {
-            return Poll::Ready(None);
-        };
-        match inner.as_mut().poll(cx) {
-            Poll::Ready(v) => Poll::Ready(Some(v)),
-            Poll::Pending => Poll::Pending,
-        }
-    }
 }
 
 struct World {
@@ -260,7 +236,7 @@ async fn run_task(world: Arc<World>, index: usize, task: Task) {
                 world.server.kill(u64::from(s));
                 continue;
             }
-            Op::Panic => panic!("ctxpool-proptest-panic"),
+            Op::Panic => std::panic::panic_any(DELIBERATE_PANIC),
             Op::Query => Statement::Query,
             Op::Slow(n) => Statement::Slow(usize::from(n)),
             Op::Begin => Statement::Begin,
@@ -274,22 +250,6 @@ async fn run_task(world: Arc<World>, index: usize, task: Task) {
         world.check(&at(step + 1), &result, expected, tampering);
         world.check_size(&at(step + 1));
     }
-}
-
-fn silence_deliberate_panics() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        let default = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            let deliberate = info
-                .payload()
-                .downcast_ref::<&str>()
-                .is_some_and(|s| *s == "ctxpool-proptest-panic");
-            if !deliberate {
-                default(info);
-            }
-        }));
-    });
 }
 
 fn run_schedule(schedule: &Schedule) -> Result<(), TestCaseError> {
@@ -336,10 +296,7 @@ fn run_schedule(schedule: &Schedule) -> Result<(), TestCaseError> {
                 tokio::spawn(async move {
                     match limit {
                         Some(left) => {
-                            PollLimited {
-                                inner: Some(Box::pin(fut)),
-                                left,
-                            }
+                            PollLimited::new(fut, left)
                             .await;
                         }
                         None => fut.await,

@@ -10,11 +10,8 @@
 
 mod support;
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, Once};
-use std::task::{Context, Poll};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ctxpool::postgres::{ContextScope, Object, Pool, PoolError};
@@ -22,6 +19,7 @@ use ctxpool::{EndUserIdentity, SecurityContext};
 use proptest::prelude::*;
 use proptest::test_runner::TestRunner;
 use serde_json::json;
+use support::poll::{DELIBERATE_PANIC, PollLimited, silence_deliberate_panics};
 use support::*;
 use tokio_postgres::NoTls;
 
@@ -138,31 +136,6 @@ fn schedule() -> impl Strategy<Value = Schedule> {
             max_size,
             tasks,
         })
-}
-
-/// Resolves to `None` once the inner future has been polled `limit` times without
-/// finishing, dropping it right there: a cancellation at that exact await point.
-struct PollLimited<F> {
-    inner: Option<Pin<Box<F>>>,
-    left: u16,
-}
-
-impl<F: Future> Future for PollLimited<F> {
-    type Output = Option<F::Output>;
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        if self.left == 0 {
-            self.inner = None;
-            return Poll::Ready(None);
-        }
-        self.left -= 1;
-        let Some(inner) = self.inner.as_mut() else {
-            return Poll::Ready(None);
-        };
-        match inner.as_mut().poll(cx) {
-            Poll::Ready(v) => Poll::Ready(Some(v)),
-            Poll::Pending => Poll::Pending,
-        }
-    }
 }
 
 /// What lives across cases: the cluster, the runtime, a superuser connection.
@@ -371,7 +344,7 @@ async fn run_task(world: Arc<World>, index: usize, task: Task) {
                     .await;
                 false
             }
-            Op::Panic => panic!("ctxpool-pg-proptest-panic"),
+            Op::Panic => std::panic::panic_any(DELIBERATE_PANIC),
         };
         if terminated && ran {
             world.violation(format!("{at}: a statement ran on a terminated backend"));
@@ -400,22 +373,6 @@ async fn check_plain(conn: &Object) -> Result<Result<(), String>, tokio_postgres
     Ok(Ok(()))
 }
 
-fn silence_deliberate_panics() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        let default = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            let deliberate = info
-                .payload()
-                .downcast_ref::<&str>()
-                .is_some_and(|s| *s == "ctxpool-pg-proptest-panic");
-            if !deliberate {
-                default(info);
-            }
-        }));
-    });
-}
-
 async fn run_case(env: &Env, schedule: &Schedule) -> Result<(), TestCaseError> {
     let pool = pool(&env.url, schedule.scope, schedule.max_size);
     let world = Arc::new(World {
@@ -440,11 +397,7 @@ async fn run_case(env: &Env, schedule: &Schedule) -> Result<(), TestCaseError> {
             tokio::spawn(async move {
                 match limit {
                     Some(left) => {
-                        PollLimited {
-                            inner: Some(Box::pin(fut)),
-                            left,
-                        }
-                        .await;
+                        PollLimited::new(fut, left).await;
                     }
                     None => fut.await,
                 }
