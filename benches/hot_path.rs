@@ -5,8 +5,11 @@
 //!
 //! `cargo bench --bench hot_path`; HTML reports in `target/criterion/report/index.html`.
 
+#[path = "support/estimates.rs"]
+mod estimates;
+use estimates::{criterion_dir, median_ns};
+
 use std::hint::black_box;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use criterion::Criterion;
@@ -175,23 +178,6 @@ fn benches(c: &mut Criterion) {
         });
         group.finish();
     }
-}
-
-fn criterion_dir() -> PathBuf {
-    let target =
-        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| PathBuf::from("target"), PathBuf::from);
-    target.join("criterion")
-}
-
-/// Median time per iteration, in ns, from criterion's saved estimates.
-fn median_ns(group: &str, bench: &str) -> Option<f64> {
-    let path = criterion_dir()
-        .join(group)
-        .join(bench)
-        .join("new/estimates.json");
-    let text = std::fs::read_to_string(path).ok()?;
-    let json: serde_json::Value = serde_json::from_str(&text).ok()?;
-    json["median"]["point_estimate"].as_f64()
 }
 
 fn print_ratios() {
