@@ -73,6 +73,7 @@ pub mod postgres;
 pub mod provider;
 #[cfg(feature = "providers")]
 pub mod providers;
+pub mod scope;
 #[cfg(feature = "testing")]
 pub mod testing;
 

@@ -15,6 +15,10 @@ use crate::context::{ContextError, EndUserIdentity, SecurityContext};
 
 /// What a provider is asked to complete: an identity, with optional per-request data roles
 /// and attributes that take precedence over the provider's configuration.
+///
+/// Inside an [`EndUserScope`](crate::scope::EndUserScope), [`scope::current`](crate::scope::current)
+/// returns the request the scope describes, and a provider-configured pool's
+/// [`get`](crate::Pool::get) acquires with it.
 #[derive(Clone, Debug)]
 pub struct ContextRequest {
     /// The end user.
@@ -23,6 +27,11 @@ pub struct ContextRequest {
     pub data_roles: Option<Vec<String>>,
     /// Attributes for this request, replacing the configured ones.
     pub attributes: Option<Value>,
+    /// Data roles the pool adds to whatever the provider completes, for a scoped
+    /// elevation ([`scope::with_data_roles`](crate::scope::with_data_roles)). Providers
+    /// need not look at it: the pool applies it after completion, and the backend's
+    /// allow-list still decides whether the elevated context may be attached.
+    pub extra_data_roles: Vec<String>,
 }
 
 impl ContextRequest {
@@ -32,7 +41,35 @@ impl ContextRequest {
             identity,
             data_roles: None,
             attributes: None,
+            extra_data_roles: Vec::new(),
         }
+    }
+
+    /// Data roles for this request, replacing the provider's configured ones.
+    pub fn data_roles<I, S>(mut self, roles: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.data_roles = Some(roles.into_iter().map(Into::into).collect());
+        self
+    }
+
+    /// Attributes for this request, replacing the provider's configured ones.
+    pub fn attributes(mut self, attributes: impl Into<Value>) -> Self {
+        self.attributes = Some(attributes.into());
+        self
+    }
+
+    /// Data roles added to the completed context (see
+    /// [`extra_data_roles`](Self::extra_data_roles)).
+    pub fn extra_data_roles<I, S>(mut self, roles: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.extra_data_roles = roles.into_iter().map(Into::into).collect();
+        self
     }
 }
 

@@ -191,11 +191,8 @@ async fn run_task(world: Arc<World>, index: usize, task: Task) {
         Acquire::Plain => world.pool.get().await,
         Acquire::AsContext(i) => world.pool.acquire_as(&world.contexts[i]).await,
         Acquire::AsIdentity(i) => {
-            let request = ContextRequest {
-                identity: EndUserIdentity::named(name(i), None),
-                data_roles: Some(roles(i)),
-                attributes: None,
-            };
+            let request =
+                ContextRequest::new(EndUserIdentity::named(name(i), None)).data_roles(roles(i));
             world.pool.acquire_as(request).await
         }
     };

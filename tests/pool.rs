@@ -259,11 +259,7 @@ fn the_provider_completes_identities_and_explicit_contexts_win() {
         drop(conn);
 
         // Per-request roles override the configured ones.
-        let request = ContextRequest {
-            identity: EndUserIdentity::named("carol", None),
-            data_roles: Some(vec!["per_request".into()]),
-            attributes: None,
-        };
+        let request = ContextRequest::new(EndUserIdentity::named("carol", None)).data_roles(["per_request"]);
         let mut conn = pool.acquire_as(request).await.unwrap();
         assert_eq!(conn.query().await.unwrap().data_roles, ["per_request"]);
         drop(conn);

@@ -113,7 +113,7 @@ fn check_access_token(token: &SecretString) -> Result<(), ContextError> {
     validate::secret_text(token.expose_secret(), Field::DatabaseAccessToken)
 }
 
-fn check_data_roles(roles: &[String]) -> Result<(), ContextError> {
+pub(crate) fn check_data_roles(roles: &[String]) -> Result<(), ContextError> {
     for (i, role) in roles.iter().enumerate() {
         let field = Field::DataRole(i);
         validate::max_len(role, field, validate::MAX_IDENTIFIER_LEN)?;

@@ -26,7 +26,7 @@ pub use object::{AttachError, Object};
 
 use crate::backend::Backend;
 use crate::context::{EndUserIdentity, SecurityContext};
-use crate::provider::{ContextProvider, ContextRequest};
+use crate::provider::{ContextProvider, ContextRequest, ProviderError};
 use manager::{Manager, ManagerError};
 
 /// Whom [`Pool::acquire_as`] acquires for.
@@ -114,9 +114,21 @@ impl<B: Backend> Pool<B> {
         }
     }
 
-    /// A plain, least-privileged connection: no security context, and no error for the
-    /// lack of one.
+    /// A connection for the current task's end user, else a plain least-privileged one.
+    ///
+    /// On a pool built with a [`ContextProvider`], inside an
+    /// [`EndUserScope`](crate::scope::EndUserScope) that names an identity, this is
+    /// [`acquire_as`](Self::acquire_as) with the scope's request, and fails closed like it.
+    /// Everywhere else (no provider, no scope, a scope without identity) it is a plain
+    /// connection with no security context, and no error for the lack of one: the
+    /// reference's rule that a missing identity *or* a missing provider configuration gives
+    /// a standard connection with default privileges.
     pub async fn get(&self) -> Result<Object<B>, PoolError<B::Error>> {
+        if self.shared.provider.is_some() {
+            if let Some(request) = crate::scope::current() {
+                return self.acquire_as(request).await;
+            }
+        }
         let obj = self
             .checkout()
             .instrument(tracing::debug_span!("ctxpool.acquire"))
@@ -152,7 +164,8 @@ impl<B: Backend> Pool<B> {
         Ok(obj)
     }
 
-    /// Completes a request through the provider, under the apply timeout.
+    /// Completes a request through the provider, under the apply timeout, then adds the
+    /// request's elevated data roles.
     async fn complete(
         &self,
         request: &ContextRequest,
@@ -162,7 +175,8 @@ impl<B: Backend> Pool<B> {
             .security_context(request)
             .instrument(tracing::debug_span!("ctxpool.apply", identity = %request.identity));
         match tokio::time::timeout(self.shared.config.timeouts.apply, fetch).await {
-            Ok(Ok(context)) => Ok(context),
+            Ok(Ok(context)) => elevate(context, &request.extra_data_roles)
+                .map_err(|e| PoolError::Provider(ProviderError::Context(e))),
             Ok(Err(e)) => {
                 tracing::debug!(error = %e, "ctxpool: context provider failed");
                 Err(PoolError::Provider(e))
@@ -241,6 +255,23 @@ impl<B: Backend> Pool<B> {
     pub fn has_provider(&self) -> bool {
         self.shared.provider.is_some()
     }
+}
+
+/// `context` with `extra` data roles added after its own, skipping any it already has.
+fn elevate(
+    context: SecurityContext,
+    extra: &[String],
+) -> Result<SecurityContext, crate::context::ContextError> {
+    let own = context.data_roles();
+    let added: Vec<&String> = extra
+        .iter()
+        .filter(|r| !own.iter().any(|o| o.eq_ignore_ascii_case(r)))
+        .collect();
+    if added.is_empty() {
+        return Ok(context);
+    }
+    let roles: Vec<String> = own.iter().chain(added).cloned().collect();
+    context.with_data_roles(roles)
 }
 
 fn map_error<E: std::error::Error + 'static>(
