@@ -67,6 +67,8 @@
 
 pub mod backend;
 pub mod context;
+#[cfg(feature = "tower")]
+pub mod middleware;
 pub mod pool;
 #[cfg(feature = "postgres")]
 pub mod postgres;
