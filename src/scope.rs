@@ -386,12 +386,14 @@ mod tests {
     async fn concurrent_scopes_on_shared_threads_stay_apart() {
         let tasks: Vec<_> = (0..200)
             .map(|i| {
-                tokio::spawn(EndUserScope::new(named(&format!("user{i}"))).run(async move {
-                    for _ in 0..10 {
-                        tokio::task::yield_now().await;
-                        assert_eq!(current_name(), Some(format!("user{i}")));
-                    }
-                }))
+                tokio::spawn(
+                    EndUserScope::new(named(&format!("user{i}"))).run(async move {
+                        for _ in 0..10 {
+                            tokio::task::yield_now().await;
+                            assert_eq!(current_name(), Some(format!("user{i}")));
+                        }
+                    }),
+                )
             })
             .collect();
         for t in tasks {
