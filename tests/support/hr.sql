@@ -33,3 +33,9 @@ CREATE POLICY manager_raise ON hr.employees FOR UPDATE TO hr_manager
   USING (org_id = ctxpool.attr('hr.hcm_context', 'org_id')::int);
 -- Audit rows are written by anyone with a context and read by nobody but superusers.
 CREATE POLICY audit_write ON hr.audit FOR INSERT WITH CHECK (ctxpool.end_user() IS NOT NULL);
+-- A scoped elevation: while the application enables the data role hr_directory for a
+-- request, an employee also sees the rows of their organisation (the example service's
+-- /colleagues; the data role is a flag read here, not a database role).
+CREATE POLICY employee_directory ON hr.employees FOR SELECT TO hr_employee
+  USING (ctxpool.has_data_role('hr_directory')
+         AND org_id = ctxpool.attr('hr.hcm_context', 'org_id')::int);
