@@ -66,10 +66,30 @@ pub struct User {
 
 /// The users of the demo.
 pub const USERS: [User; 4] = [
-    User { name: "alice", role: "hr_employee", emp_id: 3, org_id: 5 },
-    User { name: "bob", role: "hr_manager", emp_id: 4, org_id: 7 },
-    User { name: "dana", role: "hr_manager", emp_id: 1, org_id: 5 },
-    User { name: "erin", role: "hr_employee", emp_id: 6, org_id: 9 },
+    User {
+        name: "alice",
+        role: "hr_employee",
+        emp_id: 3,
+        org_id: 5,
+    },
+    User {
+        name: "bob",
+        role: "hr_manager",
+        emp_id: 4,
+        org_id: 7,
+    },
+    User {
+        name: "dana",
+        role: "hr_manager",
+        emp_id: 1,
+        org_id: 5,
+    },
+    User {
+        name: "erin",
+        role: "hr_employee",
+        emp_id: 6,
+        org_id: 9,
+    },
 ];
 
 /// The context provider: completes an application-store identity from the user store.
@@ -139,7 +159,8 @@ pub fn pool(url: &str, max_size: usize) -> Pool {
     });
     cfg.pool = Some(ctxpool::postgres::PoolConfig::new(max_size));
     cfg.context = Some(
-        ContextConfig::new(RoleMapping::FirstDataRole, ALLOWED_ROLES).scope(ContextScope::Transaction),
+        ContextConfig::new(RoleMapping::FirstDataRole, ALLOWED_ROLES)
+            .scope(ContextScope::Transaction),
     );
     cfg.builder(NoTls)
         .expect("pool configuration")
@@ -209,7 +230,10 @@ async fn list(State(pool): State<Pool>) -> Result<Json<Vec<Employee>>, ApiError>
 }
 
 /// One employee, if the end user may see them: 404 otherwise (the policy hides the row).
-async fn read_one(State(pool): State<Pool>, Path(id): Path<i32>) -> Result<Json<Employee>, ApiError> {
+async fn read_one(
+    State(pool): State<Pool>,
+    Path(id): Path<i32>,
+) -> Result<Json<Employee>, ApiError> {
     let client = pool.get().await?;
     let row = client
         .query_opt(
@@ -313,7 +337,9 @@ impl IntoResponse for ApiError {
                 (StatusCode::SERVICE_UNAVAILABLE, "database_busy")
             }
             Self::Pool(_) => (StatusCode::SERVICE_UNAVAILABLE, "database_unavailable"),
-            Self::Db(e) if e.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) => {
+            Self::Db(e)
+                if e.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) =>
+            {
                 (StatusCode::FORBIDDEN, "not_allowed")
             }
             Self::Db(_) => (StatusCode::INTERNAL_SERVER_ERROR, "database_error"),
@@ -378,7 +404,9 @@ async fn main() {
                     std::process::exit(1);
                 }
             };
-            cluster.psql("postgres", "CREATE DATABASE hr").expect("database");
+            cluster
+                .psql("postgres", "CREATE DATABASE hr")
+                .expect("database");
             cluster
                 .psql("hr", ctxpool::postgres::HELPERS_SQL)
                 .expect("helpers");
@@ -394,7 +422,10 @@ async fn main() {
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
         .await
         .expect("bind");
-    println!("axum_hr listening on http://{}", listener.local_addr().expect("address"));
+    println!(
+        "axum_hr listening on http://{}",
+        listener.local_addr().expect("address")
+    );
     println!("  curl -b 'identity={{\"name\":\"alice\"}}' http://127.0.0.1:{port}/employees");
     axum::serve(listener, app(pool(&url, 4)))
         .with_graceful_shutdown(async {

@@ -18,28 +18,12 @@ use serde_json::{Value, json};
 use wiremock::matchers::{method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
+#[path = "support/keys.rs"]
+mod keys;
+use keys::*;
+
 const ISSUER: &str = "https://issuer.example.test/";
 const AUDIENCE: &str = "ctxpool-tests";
-
-/// Test-only P-256 key pair A; never used outside these tests.
-const EC_A_PRIVATE_PEM: &str = "-----BEGIN PRIVATE KEY-----
-MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgUUETQs3cm9E8qxOX
-JtMI6crz9fhDBTg0sdgDNMnhTaShRANCAAQnpH5nYwNOJKFksUzHGR4PAMflqSiQ
-JH5VYWO1ir4Y650bZz9wdGbKxkF8R/37fFO5A8jMTU5xZeu032EPSiZg
------END PRIVATE KEY-----
-";
-const EC_A_X: &str = "J6R-Z2MDTiShZLFMxxkeDwDH5akokCR-VWFjtYq-GOs";
-const EC_A_Y: &str = "nRtnP3B0ZsrGQXxH_ft8U7kDyMxNTnFl67TfYQ9KJmA";
-
-/// Test-only P-256 key pair B; never used outside these tests.
-const EC_B_PRIVATE_PEM: &str = "-----BEGIN PRIVATE KEY-----
-MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgrIuJ2kJudWR/m5eg
-IRSKBnYW6m2rtAfdrgWSE1LSaz2hRANCAAQPBZQii9SSFx8566tVFyAd4+Fxo2FT
-fgbTjHiAhFYEoAsujugVNo1hbqUrxVGYJUy4LjtGJgibozBZDV5bDWK1
------END PRIVATE KEY-----
-";
-const EC_B_X: &str = "DwWUIovUkhcfOeurVRcgHePhcaNhU34G04x4gIRWBKA";
-const EC_B_Y: &str = "Cy6O6BU2jWFupSvFUZglTLguO0YmCJujMFkNXlsNYrU";
 
 /// Test-only RSA-2048 key pair; never used outside these tests.
 const RSA_PRIVATE_PEM: &str = "-----BEGIN PRIVATE KEY-----
@@ -83,10 +67,6 @@ MwIDAQAB
 ";
 const RSA_N: &str = "4LguTdlmsexoJ-MGGO0IeAkOQm3P-R3bPoxnwODu3QvgdK1ty62TLtzEj3INcsArt6n9Y2aspjlJjNQXe5rf0JlcxIDJXblBelRxIyIIEd3DvjlS-0cVCGhZrWM5ul6yR8w1yTHi0E63VsGnadPeDqpQgK9MN8_82Yk_723RESpLHkQz1xRh4v6lmZiQLeUm3UbNaxWzvH6hSOND77K5pk9x0nHWAxzeqri_DXIwtHQwiDr_4xR2GrjemTrwcNyX8VL3gFKl4-Q8ZJRU6-1GeNUo76dPO4R3XqxrtEpD1ZV9VcJE8KWq-LNvBNBTbgUeAjcgAhs_8xHX29Tghs-LMw";
 const RSA_E: &str = "AQAB";
-
-fn ec_jwk(kid: &str, x: &str, y: &str) -> Value {
-    json!({"kty": "EC", "crv": "P-256", "x": x, "y": y, "kid": kid, "use": "sig", "alg": "ES256"})
-}
 
 fn rsa_jwk(kid: &str) -> Value {
     json!({"kty": "RSA", "n": RSA_N, "e": RSA_E, "kid": kid, "use": "sig"})
@@ -138,13 +118,6 @@ fn claims() -> Value {
 fn with(mut claims: Value, key: &str, value: Value) -> Value {
     claims[key] = value;
     claims
-}
-
-fn sign_es256(kid: &str, pem: &str, claims: &Value) -> String {
-    let mut header = Header::new(Algorithm::ES256);
-    header.kid = Some(kid.to_owned());
-    let key = EncodingKey::from_ec_pem(pem.as_bytes()).expect("EC test key");
-    encode(&header, claims, &key).expect("sign")
 }
 
 fn sign_rs256(kid: &str, claims: &Value) -> String {

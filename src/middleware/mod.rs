@@ -2,7 +2,7 @@
 //!
 //! [`IdentityLayer`] reads the end user from the request (the `identity` cookie first, else
 //! `Authorization: Bearer …`) and runs the rest of the stack inside an
-//! [`EndUserScope`](crate::scope::EndUserScope) for that user. On a pool built with a
+//! [`EndUserScope`] for that user. On a pool built with a
 //! [`ContextProvider`](crate::ContextProvider), every `pool.get()` the handler makes then
 //! acquires as the user: the analogue of python-oracledb's `EndUserSecMiddleware`, without
 //! its per-thread identity.

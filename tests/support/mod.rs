@@ -1,6 +1,8 @@
 //! Shared set-up of the live PostgreSQL tests: a throwaway cluster with the HR schema.
 #![allow(dead_code)]
 
+#[cfg(feature = "providers")]
+pub mod keys;
 pub mod poll;
 
 use ctxpool::postgres::{
