@@ -30,6 +30,11 @@
 //! - [`pool`]: [`Pool`], its handle [`Object`], configuration, errors and metrics.
 //! - [`backend`]: the [`Backend`] trait a database implements.
 //! - [`provider`]: the [`ContextProvider`] SPI that turns identities into contexts.
+//! - [`scope`]: the task-local per-request identity: inside an
+//!   [`EndUserScope`](scope::EndUserScope), a provider-configured pool's [`Pool::get`]
+//!   acquires as the scope's end user.
+//! - `middleware` (feature `tower`): a tower layer that runs each HTTP request in the scope
+//!   of the end user named by its `identity` cookie or `Authorization: Bearer` header.
 //! - `testing` (feature `testing`): an in-process backend that models server session
 //!   state, with fault injection, for property tests and benches.
 //!
