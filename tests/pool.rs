@@ -259,7 +259,8 @@ fn the_provider_completes_identities_and_explicit_contexts_win() {
         drop(conn);
 
         // Per-request roles override the configured ones.
-        let request = ContextRequest::new(EndUserIdentity::named("carol", None)).data_roles(["per_request"]);
+        let request =
+            ContextRequest::new(EndUserIdentity::named("carol", None)).data_roles(["per_request"]);
         let mut conn = pool.acquire_as(request).await.unwrap();
         assert_eq!(conn.query().await.unwrap().data_roles, ["per_request"]);
         drop(conn);
@@ -269,6 +270,89 @@ fn the_provider_completes_identities_and_explicit_contexts_win() {
         let mut conn = pool.acquire_as(ctx("dave", &["explicit"])).await.unwrap();
         assert_eq!(conn.query().await.unwrap().data_roles, ["explicit"]);
         assert_eq!(provider.calls.load(Ordering::SeqCst), calls);
+    });
+}
+
+#[test]
+fn inside_a_scope_get_acquires_as_the_scope_identity_on_a_provider_pool_only() {
+    use ctxpool::scope::{self, EndUserScope};
+    run(|counters| async move {
+        let server = MemServer::new();
+        let provider = Arc::new(RolesProvider {
+            roles: vec!["configured".into()],
+            calls: AtomicU64::new(0),
+        });
+        let plain_pool = pool(&server, 1);
+        let pool = Pool::builder(MemBackend::new(server.clone()))
+            .provider_arc(provider.clone())
+            .build()
+            .unwrap();
+
+        // Outside a scope: plain, no error.
+        assert_eq!(
+            pool.get().await.unwrap().query().await.unwrap().end_user,
+            None
+        );
+        let carol = EndUserIdentity::named("carol", None);
+        EndUserScope::new(carol.clone())
+            .run(async {
+                let mut conn = pool.get().await.unwrap();
+                let obs = conn.query().await.unwrap();
+                assert_eq!(obs.end_user.as_deref(), Some("carol"));
+                assert_eq!(obs.data_roles, ["configured"]);
+                drop(conn);
+                // A pool without a provider ignores the scope: a standard connection.
+                let mut conn = plain_pool.get().await.unwrap();
+                assert_eq!(conn.query().await.unwrap().end_user, None);
+                drop(conn);
+                // Explicit wins over the scope.
+                let mut conn = pool.acquire_as(ctx("dave", &["explicit"])).await.unwrap();
+                assert_eq!(
+                    conn.query().await.unwrap().end_user.as_deref(),
+                    Some("dave")
+                );
+                drop(conn);
+                // Per-request roles set in the scope replace the configured ones; an
+                // elevation adds to them for one future.
+                scope::set_end_user_data_roles(["per_request"]).unwrap();
+                let elevated = scope::with_data_roles(["extra"], async {
+                    pool.get().await.unwrap().query().await.unwrap().data_roles
+                })
+                .unwrap()
+                .await;
+                assert_eq!(elevated, ["per_request", "extra"]);
+                let mut conn = pool.get().await.unwrap();
+                assert_eq!(conn.query().await.unwrap().data_roles, ["per_request"]);
+            })
+            .await;
+        // An anonymous scope is plain, like no scope.
+        EndUserScope::anonymous()
+            .run(async {
+                assert_eq!(
+                    pool.get().await.unwrap().query().await.unwrap().end_user,
+                    None
+                );
+            })
+            .await;
+        assert!(counters.get("ctxpool_acquired_as_total") >= 3);
+    });
+}
+
+#[test]
+fn inside_a_scope_get_fails_closed_when_the_provider_fails() {
+    use ctxpool::scope::EndUserScope;
+    run(|_| async {
+        let server = MemServer::new();
+        let pool = Pool::builder(MemBackend::new(server.clone()))
+            .provider(FailingProvider)
+            .build()
+            .unwrap();
+        let err = EndUserScope::new(EndUserIdentity::named("carol", None))
+            .run(pool.get())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, PoolError::Provider(_)), "{err:?}");
+        assert_eq!(pool.status().size, 0, "no connection was taken");
     });
 }
 
