@@ -113,8 +113,8 @@ struct NamedCookie {
 /// is ignored.
 ///
 /// The cookie holds either an end-user token or a JSON object `{"name": …, "key": …}`
-/// (`key` optional) for users of the application's own store, optionally percent-encoded
-/// or double-quoted. When both the cookie and a bearer token are present they must be the
+/// (`key` optional) for users of the application's own store, optionally percent-encoded,
+/// or double-quoted with backslash escapes as Python's `http.cookies` writes it. When both the cookie and a bearer token are present they must be the
 /// same token, otherwise the request is ambiguous and refused.
 pub fn identity_from_headers(
     headers: &HeaderMap,
@@ -225,11 +225,8 @@ fn is_token68(s: &str) -> bool {
 
 /// The identity a cookie value names.
 fn parse_cookie(raw: &str) -> Result<EndUserIdentity, CredentialError> {
-    let unquoted = raw
-        .strip_prefix('"')
-        .and_then(|v| v.strip_suffix('"'))
-        .unwrap_or(raw);
-    let decoded = percent_decode(unquoted).ok_or(CredentialError::MalformedCookie)?;
+    let unquoted = unquote(raw).ok_or(CredentialError::MalformedCookie)?;
+    let decoded = percent_decode(&unquoted).ok_or(CredentialError::MalformedCookie)?;
     let identity = if decoded.starts_with('{') {
         let named: NamedCookie =
             serde_json::from_str(&decoded).map_err(|_| CredentialError::MalformedCookie)?;
@@ -243,6 +240,41 @@ fn parse_cookie(raw: &str) -> Result<EndUserIdentity, CredentialError> {
         .validate()
         .map_err(|_| CredentialError::MalformedCookie)?;
     Ok(identity)
+}
+
+/// Removes the double quotes around a cookie value and their backslash escapes, as
+/// Python's `http.cookies` writes them (Django and Flask set the reference's cookie so):
+/// `"{\"name\": \"alice\"\054 \"key\": \"k\"}"`. `\ooo` is an octal byte, `\c` is `c`.
+/// An unquoted value is returned as it is; `None` for a dangling escape or invalid UTF-8.
+fn unquote(raw: &str) -> Option<String> {
+    let Some(inner) = raw.strip_prefix('"').and_then(|v| v.strip_suffix('"')) else {
+        return Some(raw.to_owned());
+    };
+    let bytes = inner.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] != b'\\' {
+            out.push(bytes[i]);
+            i += 1;
+            continue;
+        }
+        let octal = bytes
+            .get(i + 1..i + 4)
+            .filter(|d| d.iter().all(|b| (b'0'..=b'7').contains(b)));
+        match octal {
+            Some(d) => {
+                let value = d.iter().fold(0u32, |v, b| v * 8 + u32::from(b - b'0'));
+                out.push(u8::try_from(value).ok()?);
+                i += 4;
+            }
+            None => {
+                out.push(*bytes.get(i + 1)?);
+                i += 2;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 /// `%XX` decoding into UTF-8; `None` for a bad escape or invalid UTF-8.
@@ -273,6 +305,7 @@ mod tests {
     use super::*;
     use crate::context::IdentityKind;
     use http::HeaderValue;
+    use secrecy::ExposeSecret;
 
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
@@ -330,6 +363,24 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(id.kind(), IdentityKind::Token);
+
+        // As Python's http.cookies (Django, Flask) quotes a JSON value.
+        let python = r#"identity="{\"name\": \"alice\"\054 \"key\": \"k\\\\1\"}"; x=1"#;
+        let id = read(&[("cookie", python)]).unwrap().unwrap();
+        assert_eq!(id.name(), Some("alice"));
+        let key = id.key_secret().map(|k| k.expose_secret().to_owned());
+        assert_eq!(key.as_deref(), Some(r"k\1"));
+        for bad in [
+            r#"identity="\""#,
+            r#"identity="{\777}""#,
+            r#"identity="\377\376""#,
+        ] {
+            assert_eq!(
+                read(&[("cookie", bad)]).map(|_| ()),
+                Err(CredentialError::MalformedCookie),
+                "{bad}"
+            );
+        }
     }
 
     #[test]
