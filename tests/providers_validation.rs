@@ -417,6 +417,58 @@ async fn unknown_kid_refetches_once_per_interval() {
 }
 
 #[tokio::test]
+async fn a_key_set_older_than_its_maximum_age_is_refetched_and_a_removed_key_stops_working() {
+    let server = MockServer::start().await;
+    mount_jwks(&server, vec![ec_jwk("ec-a", EC_A_X, EC_A_Y)], Some(1)).await;
+    let mut config = config(&server);
+    config.jwks_min_refetch_interval = Duration::from_millis(100);
+    config.jwks_max_age = Duration::from_millis(200);
+    let validator = TokenValidator::new(config).expect("valid config");
+    let token_a = sign_es256("ec-a", EC_A_PRIVATE_PEM, &claims());
+    validator.validate(&secret(&token_a)).await.expect("valid");
+    // Within the maximum age the cached set serves.
+    validator.validate(&secret(&token_a)).await.expect("valid");
+    server.verify().await;
+
+    // The issuer drops key A; once the set is older than its maximum age, it is fetched
+    // again and tokens signed with A are refused.
+    server.reset().await;
+    mount_jwks(&server, vec![ec_jwk("ec-b", EC_B_X, EC_B_Y)], Some(1)).await;
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert_eq!(
+        refused(&validator, &token_a).await,
+        ValidationError::UnknownKey
+    );
+    server.verify().await;
+
+    // A stale set whose refetch fails is not used: fail closed.
+    server.reset().await;
+    Mock::given(method("GET"))
+        .and(path("/jwks"))
+        .respond_with(ResponseTemplate::new(503))
+        .mount(&server)
+        .await;
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let token_b = sign_es256("ec-b", EC_B_PRIVATE_PEM, &claims());
+    assert!(matches!(
+        refused(&validator, &token_b).await,
+        ValidationError::Jwks(_)
+    ));
+}
+
+#[test]
+fn a_maximum_age_below_the_refetch_interval_is_refused() {
+    let mut config =
+        ValidationConfig::new(ISSUER, vec![AUDIENCE.into()], "https://idp.example/jwks");
+    config.jwks_max_age = Duration::from_secs(1);
+    config.jwks_min_refetch_interval = Duration::from_secs(2);
+    assert!(matches!(
+        TokenValidator::new(config),
+        Err(ValidationError::Config(_))
+    ));
+}
+
+#[tokio::test]
 async fn jwks_rotation_is_picked_up() {
     let server = MockServer::start().await;
     mount_jwks(&server, vec![ec_jwk("ec-a", EC_A_X, EC_A_Y)], Some(1)).await;

@@ -12,7 +12,10 @@
 //! The JWKS is fetched on first use and cached. A token with a `kid` not in the cache
 //! triggers a refetch (the issuer may have rotated its keys), at most once per
 //! [`ValidationConfig::jwks_min_refetch_interval`], so that tokens with made-up `kid`s
-//! cannot turn the pool into an amplifier against the identity provider.
+//! cannot turn the pool into an amplifier against the identity provider. A key set older
+//! than [`ValidationConfig::jwks_max_age`] is refetched before it is used again, so that a
+//! key the issuer removed stops being trusted; if that refetch fails, validation fails
+//! (closed) until the endpoint answers.
 //!
 //! Errors never carry the token, a claim value or a response body: at most an algorithm
 //! name (checked to be a short identifier) or an HTTP status.
@@ -124,6 +127,10 @@ pub struct ValidationConfig {
     /// The shortest time between two JWKS fetches triggered by an unknown `kid`.
     /// Default 60 s.
     pub jwks_min_refetch_interval: Duration,
+    /// How long a fetched key set is trusted before it is fetched again, even when every
+    /// `kid` is known: a key the issuer removed stops verifying tokens within this time.
+    /// Default 1 hour; at least `jwks_min_refetch_interval`.
+    pub jwks_max_age: Duration,
 }
 
 impl ValidationConfig {
@@ -143,6 +150,7 @@ impl ValidationConfig {
             role_claim: None,
             allowed_roles: BTreeSet::new(),
             jwks_min_refetch_interval: Duration::from_secs(60),
+            jwks_max_age: Duration::from_secs(3600),
         }
     }
 }
@@ -168,6 +176,20 @@ struct CachedKey {
     pinned: Option<Algorithm>,
 }
 
+/// The cached JWKS and when it was fetched (`None`: never).
+#[derive(Default)]
+struct KeySet {
+    keys: HashMap<String, CachedKey>,
+    fetched_at: Option<Instant>,
+}
+
+impl KeySet {
+    /// Whether the set may verify `kid` without a refetch.
+    fn serves(&self, kid: &str, max_age: Duration) -> bool {
+        self.fetched_at.is_some_and(|t| t.elapsed() < max_age) && self.keys.contains_key(kid)
+    }
+}
+
 /// The fetch bookkeeping, under an async mutex so that concurrent misses fetch once.
 struct FetchState {
     last_attempt: Option<Instant>,
@@ -181,7 +203,7 @@ pub struct TokenValidator {
     config: ValidationConfig,
     jwks_url: reqwest::Url,
     client: reqwest::Client,
-    keys: RwLock<Arc<HashMap<String, CachedKey>>>,
+    keys: RwLock<Arc<KeySet>>,
     fetch: tokio::sync::Mutex<FetchState>,
 }
 
@@ -189,7 +211,7 @@ impl fmt::Debug for TokenValidator {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TokenValidator")
             .field("config", &self.config)
-            .field("cached_keys", &self.cached_keys().len())
+            .field("cached_keys", &self.cached_keys().keys.len())
             .finish_non_exhaustive()
     }
 }
@@ -204,6 +226,11 @@ impl TokenValidator {
         if config.audience.is_empty() || config.audience.iter().any(String::is_empty) {
             return Err(ValidationError::Config(
                 "the audience list is empty or has an empty entry".into(),
+            ));
+        }
+        if config.jwks_max_age < config.jwks_min_refetch_interval {
+            return Err(ValidationError::Config(
+                "the JWKS maximum age is shorter than the minimum refetch interval".into(),
             ));
         }
         if config.algorithms.is_empty() {
@@ -237,7 +264,7 @@ impl TokenValidator {
             config,
             jwks_url,
             client,
-            keys: RwLock::new(Arc::new(HashMap::new())),
+            keys: RwLock::new(Arc::new(KeySet::default())),
             fetch: tokio::sync::Mutex::new(FetchState {
                 last_attempt: None,
                 last_error: None,
@@ -262,7 +289,7 @@ impl TokenValidator {
             None => return Err(ValidationError::UnknownKey),
         };
         let keys = self.keys_with(kid).await?;
-        let cached = keys.get(kid).ok_or(ValidationError::UnknownKey)?;
+        let cached = keys.keys.get(kid).ok_or(ValidationError::UnknownKey)?;
         // The key type decides which algorithms it verifies, not the token: an RSA key
         // never verifies an ECDSA token and vice versa, whatever the header claims.
         if !cached.algorithms.contains(&alg) || cached.pinned.is_some_and(|p| p != alg) {
@@ -354,7 +381,7 @@ impl TokenValidator {
     }
 
     /// A snapshot of the cached keys.
-    fn cached_keys(&self) -> Arc<HashMap<String, CachedKey>> {
+    fn cached_keys(&self) -> Arc<KeySet> {
         // A poisoned lock only means a writer panicked between two whole-map swaps: the
         // map inside is still a consistent snapshot.
         match self.keys.read() {
@@ -363,21 +390,22 @@ impl TokenValidator {
         }
     }
 
-    /// The key set, refetched if it lacks `kid` and the rate limit allows.
-    async fn keys_with(
-        &self,
-        kid: &str,
-    ) -> Result<Arc<HashMap<String, CachedKey>>, ValidationError> {
+    /// The key set, refetched if it lacks `kid` or is older than the maximum age, and the
+    /// rate limit allows.
+    async fn keys_with(&self, kid: &str) -> Result<Arc<KeySet>, ValidationError> {
+        let max_age = self.config.jwks_max_age;
         let keys = self.cached_keys();
-        if keys.contains_key(kid) {
+        if keys.serves(kid, max_age) {
             return Ok(keys);
         }
         let mut state = self.fetch.lock().await;
         // Another task may have fetched while this one waited for the lock.
         let keys = self.cached_keys();
-        if keys.contains_key(kid) {
+        if keys.serves(kid, max_age) {
             return Ok(keys);
         }
+        // Since max age >= the interval, a stale set with a recent attempt means that
+        // attempt failed: its error is the answer, never the stale keys.
         if let Some(last) = state.last_attempt
             && last.elapsed() < self.config.jwks_min_refetch_interval
         {
@@ -391,12 +419,15 @@ impl TokenValidator {
         match self.fetch_jwks().await {
             Ok(fresh) => {
                 state.last_error = None;
-                let fresh = Arc::new(fresh);
+                let fresh = Arc::new(KeySet {
+                    keys: fresh,
+                    fetched_at: Some(Instant::now()),
+                });
                 match self.keys.write() {
                     Ok(mut keys) => *keys = Arc::clone(&fresh),
                     Err(poisoned) => *poisoned.into_inner() = Arc::clone(&fresh),
                 }
-                tracing::debug!(keys = fresh.len(), "fetched the JWKS");
+                tracing::debug!(keys = fresh.keys.len(), "fetched the JWKS");
                 Ok(fresh)
             }
             Err(reason) => {
