@@ -68,7 +68,8 @@ async fn client_credentials_complete_named_identities_and_the_cache_hits() {
         assert_eq!(seen.end_user.as_deref(), Some(name));
     }
     // Per-request roles replace the configured ones; an explicit context skips the provider.
-    let request = ContextRequest::new(EndUserIdentity::named("carol", None)).data_roles(["hr_manager"]);
+    let request =
+        ContextRequest::new(EndUserIdentity::named("carol", None)).data_roles(["hr_manager"]);
     let conn = pool.acquire_as(request).await.unwrap();
     assert_eq!(
         conn.end_user_security_context().unwrap().data_roles(),
