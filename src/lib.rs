@@ -35,6 +35,8 @@
 //!   acquires as the scope's end user.
 //! - `middleware` (feature `tower`): a tower layer that runs each HTTP request in the scope
 //!   of the end user named by its `identity` cookie or `Authorization: Bearer` header.
+//! - `oracle` (feature `oracle`): the Oracle AI Database 26ai backend, on the server's own
+//!   Deep Data Security end-user security context.
 //! - `testing` (feature `testing`): an in-process backend that models server session
 //!   state, with fault injection, for property tests and benches.
 //!
@@ -74,6 +76,8 @@ pub mod backend;
 pub mod context;
 #[cfg(feature = "tower")]
 pub mod middleware;
+#[cfg(feature = "oracle")]
+pub mod oracle;
 pub mod pool;
 #[cfg(feature = "postgres")]
 pub mod postgres;
