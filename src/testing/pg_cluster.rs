@@ -17,14 +17,27 @@
 //!
 //! Everything here is synchronous (`std::process`); from async code, call it from
 //! `tokio::task::spawn_blocking` or before the runtime starts.
+//!
+//! Nothing outlives this process, however it ends. A server started by `pg_ctl` runs in a
+//! session of its own, so a process killed before it drops a [`PgCluster`] (`SIGKILL`, an
+//! expired `timeout`, Ctrl-C during `cargo test`) would leave it running. So each
+//! [`PgCluster`] and [`PgBouncer`] has a watchdog: a small `sh` process, in a process
+//! group of its own (a Ctrl-C does not reach it) and deaf to `SIGHUP`, `SIGINT`,
+//! `SIGQUIT` and `SIGTERM`, that waits for end-of-file on a pipe whose only writer is
+//! this process. When this process exits, however it exits, the kernel closes that pipe;
+//! the watchdog then stops the server (`pg_ctl stop -m immediate`, or `SIGKILL` for
+//! PgBouncer) and deletes the temporary directory. Dropping the value cleans up first and
+//! then closes the pipe, and waits for the watchdog, whose cleanup finds nothing left to
+//! do. No process polls: the watchdog sleeps in `read` until the pipe closes.
 
+use std::ffi::OsStr;
 use std::fs;
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -119,7 +132,8 @@ impl ClusterError {
 ///
 /// It listens on `127.0.0.1` on a free port (see [`port`](Self::port)) and trusts every
 /// local connection, so [`url`](Self::url) needs no password. Dropping it stops the server
-/// (`pg_ctl stop -m immediate`) and deletes the directory.
+/// (`pg_ctl stop -m immediate`) and deletes the directory; if this process dies without
+/// dropping it, a watchdog process does the same (see the [module docs](self)).
 #[derive(Debug)]
 pub struct PgCluster {
     port: u16,
@@ -127,8 +141,11 @@ pub struct PgCluster {
     log: PathBuf,
     bin: ServerBins,
     run_as: Option<RunAs>,
-    // Last, so that it is removed after `Drop::drop` stopped the server.
+    // After the fields above, so that it is removed after `Drop::drop` stopped the server.
     dir: TempDir,
+    // Last: once the server is stopped and the directory removed, its cleanup is a no-op.
+    // Held for its `Drop` only.
+    _watchdog: Watchdog,
 }
 
 impl PgCluster {
@@ -145,6 +162,17 @@ impl PgCluster {
         let dir = TempDir::create("ctxpool-pg", run_as)?;
         let data = dir.path.join("data");
         let log = dir.path.join("postgres.log");
+        // Before anything runs in the directory, so that nothing there can outlive us.
+        let watchdog = Watchdog::spawn(
+            "PostgreSQL",
+            CLUSTER_WATCHDOG,
+            &[
+                bin.pg_ctl.as_os_str(),
+                data.as_os_str(),
+                dir.path.as_os_str(),
+            ],
+            run_as,
+        )?;
         let mut cluster = PgCluster {
             port: 0,
             data,
@@ -152,6 +180,7 @@ impl PgCluster {
             bin,
             run_as,
             dir,
+            _watchdog: watchdog,
         };
         cluster.initdb()?;
         cluster.write_hba()?;
@@ -374,7 +403,8 @@ impl Drop for PgCluster {
             Ok(status) if status.success() => {}
             _ => kill_postmaster(&self.data),
         }
-        // `self.dir` removes the directory when dropped.
+        // Then `self.dir` removes the directory when dropped, and `self._watchdog`, dropped
+        // last, lets the watchdog find nothing to clean up and waits for it.
     }
 }
 
@@ -405,13 +435,17 @@ fn kill_postmaster(data: &Path) {
 /// cluster. Clients are not authenticated (`auth_type = trust`); users other than the
 /// superuser are looked up in the cluster through `auth_query`, so any role that may log
 /// in to the cluster may log in to the bouncer. Dropping it kills the process and deletes
-/// the directory. Drop it before the cluster.
+/// the directory; if this process dies without dropping it, a watchdog process does the
+/// same (see the [module docs](self)). Drop it before the cluster.
 #[derive(Debug)]
 pub struct PgBouncer {
     port: u16,
     child: Child,
-    // Last, so that it is removed after `Drop::drop` killed the process.
+    // After `child`, so that it is removed after `Drop::drop` killed the process.
     dir: TempDir,
+    // Last: once the process is killed and the directory removed, its cleanup is a no-op.
+    // An `Option` only so that a retry can move it out; always `Some` otherwise.
+    watchdog: Option<Watchdog>,
 }
 
 impl PgBouncer {
@@ -443,6 +477,12 @@ impl PgBouncer {
         )?;
         let run_as = cluster.run_as;
         let mut dir = TempDir::create("ctxpool-pgbouncer", run_as)?;
+        let mut watchdog = Some(Watchdog::spawn(
+            "PgBouncer",
+            BOUNCER_WATCHDOG,
+            &[dir.path.as_os_str()],
+            run_as,
+        )?);
         let log = dir.path.join("pgbouncer.log");
         let ini = dir.path.join("pgbouncer.ini");
         let userlist = dir.path.join("userlist.txt");
@@ -489,7 +529,15 @@ impl PgBouncer {
             let child = cmd
                 .spawn()
                 .map_err(|e| ClusterError::io("spawning pgbouncer", e))?;
-            let mut bouncer = PgBouncer { port, child, dir };
+            if let Some(watchdog) = &mut watchdog {
+                watchdog.tell(&child.id().to_string());
+            }
+            let mut bouncer = PgBouncer {
+                port,
+                child,
+                dir,
+                watchdog: watchdog.take(),
+            };
             match bouncer.wait_ready(&log, &out_path) {
                 Ok(()) => {
                     tracing::debug!(port, pg_port = cluster.port, "PgBouncer started");
@@ -497,9 +545,11 @@ impl PgBouncer {
                 }
                 Err(e) if attempt < PORT_ATTEMPTS && port_taken(&log, log_start) => {
                     tracing::debug!(port, error = %e, "port taken; retrying");
-                    // Keep the directory: take it back, and let the process be reaped.
+                    // Keep the directory and the watchdog: take them back, and let the
+                    // process be reaped.
                     bouncer.kill();
                     dir = std::mem::replace(&mut bouncer.dir, TempDir::empty());
+                    watchdog = bouncer.watchdog.take();
                 }
                 Err(e) => return Err(e),
             }
@@ -549,8 +599,14 @@ impl PgBouncer {
         }
     }
 
+    /// Kills and reaps the process. The watchdog forgets its pid in between: after the
+    /// kill, so that it is never without a process to kill while one runs, and before
+    /// the reaping, after which the pid may be reused by an unrelated process.
     fn kill(&mut self) {
         let _ = self.child.kill();
+        if let Some(watchdog) = &mut self.watchdog {
+            watchdog.tell(FORGET_PID);
+        }
         let _ = self.child.wait();
     }
 }
@@ -558,7 +614,123 @@ impl PgBouncer {
 impl Drop for PgBouncer {
     fn drop(&mut self) {
         self.kill();
-        // `self.dir` removes the directory when dropped.
+        // Then `self.dir` removes the directory when dropped, and `self.watchdog`, dropped
+        // last, lets the watchdog find nothing to clean up and waits for it.
+    }
+}
+
+// ---- the watchdog --------------------------------------------------------------------
+
+/// The `sh` script of a cluster's watchdog; `$1` is `pg_ctl`, `$2` the data directory,
+/// `$3` the temporary directory. After end-of-file on standard input it stops the server
+/// (killing the postmaster if `pg_ctl` fails, as `Drop` does) and removes the directory.
+/// If the directory reappears (an `initdb` or `pg_ctl start` orphaned by our death was
+/// still writing to it), it tries again, a bounded number of times.
+const CLUSTER_WATCHDOG: &str = r#"trap '' HUP INT QUIT TERM
+while read -r line; do :; done
+tries=0
+while :; do
+  if ! "$1" stop -D "$2" -m immediate -w -t 10 -s >/dev/null 2>&1; then
+    pid=$(head -n 1 "$2/postmaster.pid" 2>/dev/null)
+    case $pid in
+      ''|*[!0-9]*) ;;
+      *) kill -KILL "$pid" 2>/dev/null ;;
+    esac
+  fi
+  rm -rf -- "$3" 2>/dev/null
+  [ -e "$3" ] || exit 0
+  tries=$((tries + 1))
+  [ "$tries" -lt 10 ] || exit 1
+  sleep 1
+done
+"#;
+
+/// The `sh` script of a PgBouncer's watchdog; `$1` is the temporary directory. Each line
+/// on standard input is the pid to kill, or [`FORGET_PID`]; after end-of-file it kills
+/// the last pid it was given, if any, and removes the directory.
+const BOUNCER_WATCHDOG: &str = r#"trap '' HUP INT QUIT TERM
+pid=
+while IFS= read -r line || [ -n "$line" ]; do
+  case $line in
+    ''|*[!0-9]*) pid= ;;
+    *) pid=$line ;;
+  esac
+  line=
+done
+[ -z "$pid" ] || kill -KILL "$pid" 2>/dev/null
+rm -rf -- "$1" 2>/dev/null
+"#;
+
+/// The line that tells a PgBouncer watchdog to forget the pid it was given.
+const FORGET_PID: &str = "-";
+
+/// A process that cleans up after this one when it dies without dropping the server.
+///
+/// Its standard input is a pipe whose only writer is [`stdin`](Self::stdin) (the pipe is
+/// close-on-exec here, so no other child inherits it): it reads end-of-file when this
+/// process drops the `Watchdog` or exits, however it exits, and then runs its cleanup.
+/// It runs in a process group of its own, so that a Ctrl-C sent to the foreground process
+/// group does not reach it, ignores the termination signals a shell or `timeout` sends,
+/// and has no standard output or error, so that it holds no pipe of `cargo test` open.
+#[derive(Debug)]
+struct Watchdog {
+    child: Child,
+    stdin: Option<ChildStdin>,
+}
+
+impl Watchdog {
+    /// Starts `sh -c script` with `args` as `$1`, `$2`, ..., as `run_as` if given (like
+    /// the servers, so that `pg_ctl` accepts it and it may signal them).
+    fn spawn(
+        what: &str,
+        script: &str,
+        args: &[&OsStr],
+        run_as: Option<RunAs>,
+    ) -> Result<Watchdog, ClusterError> {
+        let mut cmd = Command::new("sh");
+        clear_pg_env(&mut cmd);
+        cmd.arg("-c")
+            .arg(script)
+            .arg("ctxpool-watchdog")
+            .args(args)
+            // Not in a directory it is to remove.
+            .current_dir("/")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0);
+        if let Some(id) = run_as {
+            cmd.uid(id.uid).gid(id.gid).env("HOME", "/");
+        }
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| ClusterError::io(format!("spawning the {what} watchdog"), e))?;
+        let stdin = child.stdin.take();
+        if stdin.is_none() {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(ClusterError::io(
+                format!("spawning the {what} watchdog"),
+                io::Error::other("no pipe to its standard input"),
+            ));
+        }
+        Ok(Watchdog { child, stdin })
+    }
+
+    /// Sends the watchdog a line (best effort: it only fails if the watchdog is gone).
+    fn tell(&mut self, line: &str) {
+        if let Some(stdin) = &mut self.stdin {
+            // One write of a few bytes: atomic on a pipe, so never half a line.
+            let _ = stdin.write_all(format!("{line}\n").as_bytes());
+        }
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        // End-of-file: the watchdog cleans up (nothing is left by now) and exits.
+        drop(self.stdin.take());
+        let _ = self.child.wait();
     }
 }
 
