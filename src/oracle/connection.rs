@@ -207,6 +207,13 @@ impl<S: Session> OracleConnection<S> {
         .await
     }
 
+    /// Whether a call left running by a dropped future has finished (its session is not
+    /// back in the slot until the next settle).
+    #[cfg(test)]
+    pub(crate) fn call_finished(&self) -> bool {
+        matches!(&self.slot, Slot::Busy(handle) if handle.is_finished())
+    }
+
     /// Whether a statement since the last commit or rollback may have left a transaction
     /// open (it will be rolled back before the connection is reused).
     pub fn may_have_open_transaction(&self) -> bool {
@@ -299,10 +306,14 @@ impl<S: Session> OracleConnection<S> {
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let Slot::Idle(held) = std::mem::replace(&mut self.slot, Slot::Gone) else {
-            unreachable!("start_reset on a connection that is not idle")
+        let mut held = match std::mem::replace(&mut self.slot, Slot::Gone) {
+            Slot::Idle(held) => held,
+            // Only called on an idle connection; anything else is left as it was.
+            other => {
+                self.slot = other;
+                return;
+            }
         };
-        let mut held = held;
         self.slot = Slot::Busy(rt.spawn_blocking(move || {
             reset_blocking(&mut held);
             held

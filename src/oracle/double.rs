@@ -79,6 +79,8 @@ struct State {
 #[derive(Clone, Default)]
 pub(crate) struct Script {
     state: Arc<(Mutex<State>, Condvar)>,
+    /// Woken at every recorded event, for [`until`](Self::until).
+    recorded: Arc<tokio::sync::Notify>,
 }
 
 impl Script {
@@ -138,15 +140,28 @@ impl Script {
         }
     }
 
-    /// Waits (on the async side, without blocking it) until `pred` holds for the log.
+    /// Waits (on the async side, without blocking it) until `pred` holds for the log,
+    /// checking again at every recorded event. The deadline only turns a hang into a
+    /// failure.
     pub(crate) async fn until(&self, pred: impl Fn(&[Event]) -> bool) {
-        for _ in 0..2_000 {
-            if pred(&self.lock().log) {
-                return;
+        let wait = async {
+            loop {
+                // Registered before the check, so an event recorded in between wakes it.
+                let recorded = self.recorded.notified();
+                tokio::pin!(recorded);
+                recorded.as_mut().enable();
+                if pred(&self.lock().log) {
+                    return;
+                }
+                recorded.await;
             }
-            tokio::time::sleep(Duration::from_millis(2)).await;
+        };
+        if tokio::time::timeout(Duration::from_secs(10), wait)
+            .await
+            .is_err()
+        {
+            panic!("condition never held; log: {:?}", self.log());
         }
-        panic!("condition never held; log: {:?}", self.log());
     }
 }
 
@@ -166,6 +181,7 @@ impl Recorder {
             thread: std::thread::current().id(),
         };
         self.script.lock().log.push(event);
+        self.script.recorded.notify_waiters();
     }
 
     /// What the "server" says to a call: refuse a refused end user's context.
@@ -545,10 +561,15 @@ mod tests {
             tokio::time::timeout(Duration::from_millis(30), conn.execute("BLOCK", ())).await;
         assert!(cancelled.is_err());
         script.open_gate();
-        script
-            .until(|log| log.iter().filter(|e| e.op == Op::Clear).count() >= 2)
-            .await;
-        tokio::time::sleep(Duration::from_millis(20)).await; // the task completes
+        // Wait for the abandoned call's task itself to finish (not only its last
+        // operation), so that release finds the session back.
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while !conn.call_finished() {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the abandoned call never finished");
         drop(conn);
         let _next = pool.get().await.unwrap();
         assert_eq!(pool.status().size, 1);
