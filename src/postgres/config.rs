@@ -10,10 +10,9 @@ use tokio_postgres::config::{
     ChannelBinding as PgChannelBinding, LoadBalanceHosts as PgLoadBalanceHosts,
     SslMode as PgSslMode, TargetSessionAttrs as PgTargetSessionAttrs,
 };
-use tokio_postgres::{
-    Socket,
-    tls::{MakeTlsConnect, TlsConnect},
-};
+use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
+
+use super::Socket;
 
 use super::mapping::ContextConfig;
 use super::{Manager, Pool, PoolBuilder, PoolConfig, Runtime};
@@ -163,8 +162,8 @@ impl Config {
     where
         T: MakeTlsConnect<Socket> + Clone + Sync + Send + 'static,
         T::Stream: Sync + Send,
-        T::TlsConnect: Sync + Send,
-        <T::TlsConnect as TlsConnect<Socket>>::Future: Send,
+        T::TlsConnect: Send + 'static,
+        <T::TlsConnect as TlsConnect<Socket>>::Future: Send + 'static,
     {
         let mut builder = self.builder(tls).map_err(CreatePoolError::Config)?;
         if let Some(runtime) = runtime {
@@ -182,8 +181,8 @@ impl Config {
     where
         T: MakeTlsConnect<Socket> + Clone + Sync + Send + 'static,
         T::Stream: Sync + Send,
-        T::TlsConnect: Sync + Send,
-        <T::TlsConnect as TlsConnect<Socket>>::Future: Send,
+        T::TlsConnect: Send + 'static,
+        <T::TlsConnect as TlsConnect<Socket>>::Future: Send + 'static,
     {
         let pg_config = self.get_pg_config()?;
         let manager_config = self.get_manager_config();

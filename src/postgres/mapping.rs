@@ -138,6 +138,13 @@ pub enum MappingError {
     /// The token lacks a claim the mapping needs.
     #[error("the end-user token has no usable {0:?} claim")]
     ClaimMissing(String),
+    /// Session scope was asked for on a connection that goes through a pooler or proxy
+    /// (PgBouncer, pgpool-II): session state there reaches other clients.
+    #[error(
+        "session scope is refused behind a connection pooler or proxy (detected at connect: \
+         the backend process id differs from pg_backend_pid()); use transaction scope"
+    )]
+    SessionScopeBehindProxy,
 }
 
 /// A context mapped onto a session: everything a statement binds, computed once.
@@ -171,12 +178,14 @@ pub(crate) const MAX_FLAT: usize = 6;
 pub(crate) fn sync_sql(n: usize) -> String {
     let local = 5 + 2 * n;
     let mut sql = format!(
-        "SELECT set_config('role', $1, ${local}), set_config('ctxpool.end_user', $2, ${local}), \
-         set_config('ctxpool.data_roles', $3, ${local}), set_config('ctxpool.attributes', $4, ${local})"
+        "SELECT pg_catalog.set_config('role', $1, ${local}), \
+         pg_catalog.set_config('ctxpool.end_user', $2, ${local}), \
+         pg_catalog.set_config('ctxpool.data_roles', $3, ${local}), \
+         pg_catalog.set_config('ctxpool.attributes', $4, ${local})"
     );
     for i in 0..n {
         sql.push_str(&format!(
-            ", set_config(${}, ${}, ${local})",
+            ", pg_catalog.set_config(${}, ${}, ${local})",
             5 + 2 * i,
             6 + 2 * i
         ));
@@ -186,11 +195,12 @@ pub(crate) fn sync_sql(n: usize) -> String {
 
 /// The statement for any number of attributes, as two arrays. The aggregate evaluates
 /// `set_config` once per attribute; it cannot be optimised away.
-pub(crate) const SYNC_ANY_SQL: &str = "SELECT set_config('role', $1, $7), \
-     set_config('ctxpool.end_user', $2, $7), \
-     set_config('ctxpool.data_roles', $3, $7), \
-     set_config('ctxpool.attributes', $4, $7), \
-     (SELECT count(set_config(k, v, $7)) FROM unnest($5::text[], $6::text[]) AS a(k, v))";
+pub(crate) const SYNC_ANY_SQL: &str = "SELECT pg_catalog.set_config('role', $1, $7), \
+     pg_catalog.set_config('ctxpool.end_user', $2, $7), \
+     pg_catalog.set_config('ctxpool.data_roles', $3, $7), \
+     pg_catalog.set_config('ctxpool.attributes', $4, $7), \
+     (SELECT pg_catalog.count(pg_catalog.set_config(k, v, $7)) \
+      FROM ROWS FROM (pg_catalog.unnest($5::text[]), pg_catalog.unnest($6::text[])) AS a(k, v))";
 
 /// The parameter types of [`sync_sql`]`(n)`.
 pub(crate) fn sync_types(n: usize) -> Vec<Type> {
@@ -211,6 +221,30 @@ pub(crate) const SYNC_ANY_TYPES: [Type; 7] = [
 ];
 
 impl Mapped {
+    /// The mapping that undoes this one inside a transaction: no role (the session's
+    /// own), every `ctxpool.*` setting and each of this context's attributes empty.
+    pub(crate) fn cleared(&self) -> Self {
+        Self {
+            context: self.context.clone(),
+            role: "none".to_owned(),
+            end_user: String::new(),
+            data_roles: String::new(),
+            attributes: String::new(),
+            names: self.names.clone(),
+            values: vec![String::new(); self.values.len()],
+        }
+    }
+
+    /// Whether two mappings set the same values.
+    pub(crate) fn same_as(&self, other: &Self) -> bool {
+        self.role == other.role
+            && self.end_user == other.end_user
+            && self.data_roles == other.data_roles
+            && self.attributes == other.attributes
+            && self.names == other.names
+            && self.values == other.values
+    }
+
     /// How many flattened attributes the context has.
     pub(crate) fn attribute_count(&self) -> usize {
         self.names.len()

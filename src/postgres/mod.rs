@@ -78,8 +78,8 @@ macro_rules! statement_methods {
         where
             T: ?Sized + ToStatement,
         {
-            let (statement, effects) = self.resolve(statement).await?;
-            self.run(effects, |c| c.query(&statement, params)).await
+            let statement = self.resolve(statement).await?;
+            self.run(|c| c.query(&statement, params)).await
         }
 
         /// Like `tokio_postgres::Client::query_one`.
@@ -91,8 +91,8 @@ macro_rules! statement_methods {
         where
             T: ?Sized + ToStatement,
         {
-            let (statement, effects) = self.resolve(statement).await?;
-            self.run(effects, |c| c.query_one(&statement, params)).await
+            let statement = self.resolve(statement).await?;
+            self.run(|c| c.query_one(&statement, params)).await
         }
 
         /// Like `tokio_postgres::Client::query_opt`.
@@ -104,8 +104,8 @@ macro_rules! statement_methods {
         where
             T: ?Sized + ToStatement,
         {
-            let (statement, effects) = self.resolve(statement).await?;
-            self.run(effects, |c| c.query_opt(&statement, params)).await
+            let statement = self.resolve(statement).await?;
+            self.run(|c| c.query_opt(&statement, params)).await
         }
 
         /// Like `tokio_postgres::Client::execute`.
@@ -117,8 +117,8 @@ macro_rules! statement_methods {
         where
             T: ?Sized + ToStatement,
         {
-            let (statement, effects) = self.resolve(statement).await?;
-            self.run(effects, |c| c.execute(&statement, params)).await
+            let statement = self.resolve(statement).await?;
+            self.run(|c| c.execute(&statement, params)).await
         }
 
         /// Like `tokio_postgres::Client::execute_raw`.
@@ -129,9 +129,8 @@ macro_rules! statement_methods {
             I: IntoIterator<Item = P>,
             I::IntoIter: ExactSizeIterator,
         {
-            let (statement, effects) = self.resolve(statement).await?;
-            self.run(effects, |c| c.execute_raw(&statement, params))
-                .await
+            let statement = self.resolve(statement).await?;
+            self.run(|c| c.execute_raw(&statement, params)).await
         }
 
         /// Like `tokio_postgres::Client::query_typed`: one unnamed statement, no prepare
@@ -141,32 +140,32 @@ macro_rules! statement_methods {
             query: &str,
             params: &[(&(dyn ToSql + Sync), Type)],
         ) -> Result<Vec<Row>, Error> {
-            self.run(sql_text::effects(query), |c| c.query_typed(query, params))
-                .await
+            self.run(|c| c.query_typed(query, params)).await
         }
 
         /// Like `tokio_postgres::Client::batch_execute`.
         pub async fn batch_execute(&self, query: &str) -> Result<(), Error> {
-            self.run(sql_text::effects(query), |c| c.batch_execute(query))
-                .await
+            self.run(|c| c.batch_execute(query)).await
         }
 
         /// Like `tokio_postgres::Client::simple_query`.
         pub async fn simple_query(&self, query: &str) -> Result<Vec<SimpleQueryMessage>, Error> {
-            self.run(sql_text::effects(query), |c| c.simple_query(query))
-                .await
+            self.run(|c| c.simple_query(query)).await
         }
     };
 }
 
+mod backend;
 mod client;
 mod config;
+mod connect;
+mod connection;
+mod error;
 mod generic_client;
-mod manager;
 pub mod mapping;
-mod sql_text;
 mod statement_cache;
 mod transaction;
+mod wire;
 
 pub use client::{ClientWrapper, StatementRef, ToStatement};
 pub use config::{
@@ -176,7 +175,9 @@ pub use config::{
 pub use deadpool::Runtime;
 pub use deadpool::managed::{PoolConfig, Timeouts};
 pub use generic_client::GenericClient;
-pub use manager::Manager;
+pub use backend::Manager;
+pub use connect::Socket;
+pub use error::Error;
 pub use mapping::{ContextConfig, ContextScope, MappingError, RoleMapping};
 pub use statement_cache::StatementCache;
 pub use tokio_postgres;
@@ -193,7 +194,7 @@ pub type Object = crate::Object<Manager>;
 /// A pooled connection (deadpool-postgres's name).
 pub type Client = Object;
 /// Why a connection could not be handed out.
-pub type PoolError = crate::PoolError<tokio_postgres::Error>;
+pub type PoolError = crate::PoolError<Error>;
 
 /// The SQL helpers policies use: `ctxpool.end_user()`, `ctxpool.has_data_role(text)` and
 /// `ctxpool.attr(ctx text, key text)`, each NULL when no context is set. Also shipped as

@@ -6,15 +6,12 @@ use std::sync::{PoisonError, RwLock};
 use tokio_postgres::Statement;
 use tokio_postgres::types::Type;
 
-use super::sql_text::Effects;
-
 type Key = (String, Vec<Type>);
 
 /// Prepared statements of one connection, by query text and parameter types.
 #[derive(Debug, Default)]
 pub struct StatementCache {
-    /// Each statement with what its text may do, read once when it was prepared.
-    map: RwLock<HashMap<Key, (Statement, Effects)>>,
+    map: RwLock<HashMap<Key, Statement>>,
 }
 
 impl StatementCache {
@@ -40,10 +37,9 @@ impl StatementCache {
             .write()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(&(query.to_owned(), types.to_owned()))
-            .map(|(s, _)| s)
     }
 
-    pub(crate) fn get(&self, query: &str, types: &[Type]) -> Option<(Statement, Effects)> {
+    pub(crate) fn get(&self, query: &str, types: &[Type]) -> Option<Statement> {
         self.map
             .read()
             .unwrap_or_else(PoisonError::into_inner)
@@ -51,16 +47,10 @@ impl StatementCache {
             .cloned()
     }
 
-    pub(crate) fn insert(
-        &self,
-        query: &str,
-        types: &[Type],
-        statement: Statement,
-        effects: Effects,
-    ) {
+    pub(crate) fn insert(&self, query: &str, types: &[Type], statement: Statement) {
         self.map
             .write()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert((query.to_owned(), types.to_owned()), (statement, effects));
+            .insert((query.to_owned(), types.to_owned()), statement);
     }
 }

@@ -3,8 +3,6 @@
 
 use std::fmt;
 use std::future::Future;
-use std::sync::atomic::Ordering;
-use std::sync::{Mutex, PoisonError};
 
 use tokio_postgres::types::{BorrowToSql, ToSql, Type};
 use tokio_postgres::{
@@ -13,18 +11,18 @@ use tokio_postgres::{
 };
 
 use super::client::{ClientWrapper, ToStatement, isolation_sql};
-use super::sql_text::{self, Effects};
 
 /// A transaction on a pooled connection, under the handle's context.
 ///
-/// Dropped without [`commit`](Self::commit) it rolls back, as tokio-postgres's does.
+/// Dropped without [`commit`](Self::commit) it rolls back, as tokio-postgres's does. What
+/// the pool does at release depends on the server's transaction status alone, so a
+/// transaction that is leaked (`std::mem::forget`) is rolled back at release too.
 pub struct Transaction<'a> {
     wrapper: &'a mut ClientWrapper,
     /// `Some` for a savepoint: its quoted name.
     savepoint: Option<String>,
     depth: u32,
     done: bool,
-    effects: Mutex<Effects>,
 }
 
 impl fmt::Debug for Transaction<'_> {
@@ -43,37 +41,19 @@ impl<'a> Transaction<'a> {
             savepoint: None,
             depth: 0,
             done: false,
-            effects: Mutex::new(Effects::default()),
         }
     }
 
-    fn note(&self, effects: Effects) {
-        let mut e = self.effects.lock().unwrap_or_else(PoisonError::into_inner);
-        e.changes_session |= effects.changes_session;
-    }
-
-    /// Runs one statement, counting it in flight until it completes. The context is
-    /// already in effect: the transaction was opened with it.
-    async fn run<'s, R, Fut>(
-        &'s self,
-        effects: Effects,
-        op: impl FnOnce(&'s Client) -> Fut,
-    ) -> Result<R, Error>
+    /// Runs one statement under the session's plan (inside the open transaction: as it
+    /// is, unless the handle's context changed).
+    async fn run<'s, R, Fut>(&'s self, op: impl FnOnce(&'s Client) -> Fut) -> Result<R, Error>
     where
         Fut: Future<Output = Result<R, Error>>,
     {
-        let in_flight = self.wrapper.in_flight();
-        in_flight.fetch_add(1, Ordering::SeqCst);
-        let result = op(self.wrapper.client()).await;
-        in_flight.fetch_sub(1, Ordering::SeqCst);
-        self.note(effects);
-        result
+        self.wrapper.run(op).await
     }
 
-    async fn resolve<T: ?Sized + ToStatement>(
-        &self,
-        statement: &T,
-    ) -> Result<(Statement, Effects), Error> {
+    async fn resolve<T: ?Sized + ToStatement>(&self, statement: &T) -> Result<Statement, Error> {
         self.wrapper.resolve(statement).await
     }
 
@@ -111,8 +91,8 @@ impl<'a> Transaction<'a> {
         I: IntoIterator<Item = P>,
         I::IntoIter: ExactSizeIterator,
     {
-        let (s, e) = self.resolve(statement).await?;
-        self.run(e, |c| c.query_raw(&s, params)).await
+        let s = self.resolve(statement).await?;
+        self.wrapper.run_as(true, |c| c.query_raw(&s, params)).await
     }
 
     /// Like [`tokio_postgres::Transaction::copy_in`].
@@ -121,8 +101,8 @@ impl<'a> Transaction<'a> {
         T: ?Sized + ToStatement,
         U: bytes::Buf + 'static + Send,
     {
-        let (s, e) = self.resolve(statement).await?;
-        self.run(e, |c| c.copy_in(&s)).await
+        let s = self.resolve(statement).await?;
+        self.wrapper.run_as(true, |c| c.copy_in(&s)).await
     }
 
     /// Like [`tokio_postgres::Transaction::copy_out`].
@@ -130,8 +110,8 @@ impl<'a> Transaction<'a> {
     where
         T: ?Sized + ToStatement,
     {
-        let (s, e) = self.resolve(statement).await?;
-        self.run(e, |c| c.copy_out(&s)).await
+        let s = self.resolve(statement).await?;
+        self.wrapper.run_as(true, |c| c.copy_out(&s)).await
     }
 
     /// Commits the transaction (releases the savepoint).
@@ -141,11 +121,7 @@ impl<'a> Transaction<'a> {
             Some(name) => format!("RELEASE {name}"),
             None => "COMMIT".to_owned(),
         };
-        let result = self
-            .run(Effects::default(), |c| c.batch_execute(&sql))
-            .await;
-        self.finish(result.is_ok());
-        result
+        self.run(|c| c.batch_execute(&sql)).await
     }
 
     /// Rolls the transaction back (to the savepoint).
@@ -155,11 +131,7 @@ impl<'a> Transaction<'a> {
             Some(name) => format!("ROLLBACK TO {name}"),
             None => "ROLLBACK".to_owned(),
         };
-        let result = self
-            .run(Effects::default(), |c| c.batch_execute(&sql))
-            .await;
-        self.finish(false);
-        result
+        self.run(|c| c.batch_execute(&sql)).await
     }
 
     /// A nested transaction: a savepoint.
@@ -173,26 +145,15 @@ impl<'a> Transaction<'a> {
         let name = format!("\"{}\"", name.into().replace('"', "\"\""));
         let depth = self.depth + 1;
         let sql = format!("SAVEPOINT {name}");
-        self.run(Effects::default(), |c| c.batch_execute(&sql))
-            .await?;
+        self.run(|c| c.batch_execute(&sql)).await?;
         Ok(Transaction {
             wrapper: &mut *self.wrapper,
             savepoint: Some(name),
             depth,
             done: false,
-            effects: Mutex::new(Effects::default()),
         })
     }
 
-    fn finish(&self, committed: bool) {
-        let effects = *self.effects.lock().unwrap_or_else(PoisonError::into_inner);
-        if self.savepoint.is_none() {
-            self.wrapper.set_transaction_outcome(committed, effects);
-        } else {
-            // The outer transaction decides; carry what this one did.
-            self.wrapper.set_transaction_outcome(true, effects);
-        }
-    }
 }
 
 impl Drop for Transaction<'_> {
@@ -200,10 +161,13 @@ impl Drop for Transaction<'_> {
         if self.done {
             return;
         }
-        // As tokio-postgres: queue the rollback without waiting for it.
-        let name = self.savepoint.as_deref();
-        self.wrapper.client().__private_api_rollback(name);
-        self.finish(false);
+        // As tokio-postgres: the rollback is sent without waiting for it. The wire layer
+        // writes it before any later request, and the next statement waits for it.
+        let sql = match &self.savepoint {
+            Some(name) => format!("ROLLBACK TO {name}"),
+            None => "ROLLBACK".to_owned(),
+        };
+        self.wrapper.session().wire.send_query(&sql);
     }
 }
 

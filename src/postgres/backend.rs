@@ -1,22 +1,24 @@
 //! The PostgreSQL backend: opens connections and vouches for idle ones.
 
 use std::fmt;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 
-use tokio::task::JoinHandle;
+use futures_util::future::join;
 use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
-use tokio_postgres::{Client as PgClient, Config as PgConfig, Error, Socket};
+use tokio_postgres::{Config as PgConfig, SimpleQueryMessage};
 
 use crate::backend::{Backend, DiscardReason};
 
-use super::client::{ClientWrapper, SyncStatements};
+use super::client::ClientWrapper;
 use super::config::{ManagerConfig, RecyclingMethod};
+use super::connect::{self, MakeTls, Opened, Socket};
+use super::connection::{PoolStatements, Session};
+use super::error::Error;
 use super::mapping::ContextConfig;
+use super::wire::TxStatus;
 
 type ConnectFuture<'a> =
-    Pin<Box<dyn Future<Output = Result<(PgClient, JoinHandle<()>), Error>> + Send + 'a>>;
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Opened, Error>> + Send + 'a>>;
 
 /// Opens a connection; object-safe so that the manager is not generic over the TLS type.
 trait Connect: Send + Sync {
@@ -25,24 +27,9 @@ trait Connect: Send + Sync {
 
 struct TlsConnector<T>(T);
 
-impl<T> Connect for TlsConnector<T>
-where
-    T: MakeTlsConnect<Socket> + Clone + Sync + Send + 'static,
-    T::Stream: Sync + Send,
-    T::TlsConnect: Sync + Send,
-    <T::TlsConnect as TlsConnect<Socket>>::Future: Send,
-{
+impl<T: MakeTls> Connect for TlsConnector<T> {
     fn connect<'a>(&'a self, config: &'a PgConfig) -> ConnectFuture<'a> {
-        let tls = self.0.clone();
-        Box::pin(async move {
-            let (client, connection) = config.connect(tls).await?;
-            let task = tokio::spawn(async move {
-                if let Err(e) = connection.await {
-                    tracing::debug!(error = %e, "ctxpool: postgres connection ended");
-                }
-            });
-            Ok((client, task))
-        })
+        Box::pin(connect::open(config, &self.0))
     }
 }
 
@@ -70,9 +57,9 @@ impl Manager {
     pub fn new<T>(pg_config: PgConfig, tls: T) -> Self
     where
         T: MakeTlsConnect<Socket> + Clone + Sync + Send + 'static,
-        T::Stream: Sync + Send,
-        T::TlsConnect: Sync + Send,
-        <T::TlsConnect as TlsConnect<Socket>>::Future: Send,
+        T::Stream: Send + 'static,
+        T::TlsConnect: Send + 'static,
+        <T::TlsConnect as TlsConnect<Socket>>::Future: Send + 'static,
     {
         Self::from_config(pg_config, tls, ManagerConfig::default())
     }
@@ -81,9 +68,9 @@ impl Manager {
     pub fn from_config<T>(pg_config: PgConfig, tls: T, config: ManagerConfig) -> Self
     where
         T: MakeTlsConnect<Socket> + Clone + Sync + Send + 'static,
-        T::Stream: Sync + Send,
-        T::TlsConnect: Sync + Send,
-        <T::TlsConnect as TlsConnect<Socket>>::Future: Send,
+        T::Stream: Send + 'static,
+        T::TlsConnect: Send + 'static,
+        <T::TlsConnect as TlsConnect<Socket>>::Future: Send + 'static,
     {
         Self {
             pg_config,
@@ -111,24 +98,52 @@ impl Backend for Manager {
     type Error = Error;
 
     async fn connect(&self) -> Result<ClientWrapper, Error> {
-        let (client, task) = self.connect.connect(&self.pg_config).await?;
-        // Prepared here, in one flight, so that no checkout pays a round trip for them.
-        let statements = if self.context.prepared_statements {
-            Some(SyncStatements::prepare(&client).await?)
-        } else {
-            None
+        let Opened { client, task, wire } = self.connect.connect(&self.pg_config).await?;
+        // One flight: the pool's statements, and the process id the server itself reports,
+        // to compare with the one of BackendKeyData (a pooler or proxy answers with its
+        // own).
+        let statements = async {
+            if self.context.prepared_statements {
+                PoolStatements::prepare(&client, &wire).await
+            } else {
+                Ok(None)
+            }
         };
-        Ok(ClientWrapper::new(
-            client,
-            task,
-            self.context.clone(),
-            statements,
-        ))
+        let pid = client.simple_query("SELECT pg_catalog.pg_backend_pid()");
+        let (statements, pid) = join(statements, pid).await;
+        let (statements, pid) = (statements?, pid?);
+        let reported = pid.iter().find_map(|m| match m {
+            SimpleQueryMessage::Row(row) => row.get(0).and_then(|v| v.parse::<i32>().ok()),
+            _ => None,
+        });
+        let proxied = reported.is_none() || reported != wire.backend_pid();
+        if proxied {
+            tracing::debug!(
+                announced = ?wire.backend_pid(),
+                reported = ?reported,
+                "ctxpool: a pooler or proxy sits between the pool and the server"
+            );
+        }
+        // Behind a pooler, the next transaction may run on another server connection,
+        // where these statements do not exist: send them unnamed instead.
+        let statements = if proxied { None } else { statements };
+        wire.settled().await;
+        let session = Session::new(wire, self.context.clone(), statements, proxied);
+        Ok(ClientWrapper::new(client, task, session))
     }
 
     async fn recycle(&self, client: &mut ClientWrapper) -> Result<(), DiscardReason> {
         if client.is_closed() {
             return Err(DiscardReason::Lost);
+        }
+        // A rollback sent at release, or the last reply, may still be on its way.
+        let wire = &client.session().wire;
+        wire.settled().await;
+        if client.is_closed() {
+            return Err(DiscardReason::Lost);
+        }
+        if wire.status() != TxStatus::Idle {
+            return Err(DiscardReason::OpenTransaction);
         }
         let Some(sql) = self.config.recycling_method.query() else {
             return Ok(());
@@ -137,7 +152,7 @@ impl Backend for Manager {
             Ok(_) => {
                 if self.config.recycling_method != RecyclingMethod::Verified {
                     // The recycle query may have changed the session behind our back.
-                    client.invalidate_session();
+                    client.session().arm_reset();
                 }
                 Ok(())
             }

@@ -1,0 +1,452 @@
+//! The session of one pooled connection: what the server holds, decided from what the
+//! server reports, and how each statement travels.
+//!
+//! # The reset
+//! A checkout that sent any SQL arms the reset for the next one. The reset is every
+//! statement that returns a session to what a new connection of the same login holds, bar
+//! the protocol-level prepared statements the pool owns: session authorization and role,
+//! every setting (custom ones too), cursors, listeners, advisory locks, temporary objects,
+//! sequence state, SQL-level prepared statements. It travels in the next checkout's first
+//! flight, under the same Sync as that statement, and ends with a `COMMIT` of its own, so
+//! it is durable before the context and the statement run, whatever becomes of them. It
+//! counts as done when the server answered that `COMMIT`; until then it stays armed and
+//! goes again. If any of it fails, the server skips the rest of the batch: the statement
+//! never runs and its caller gets the reset's error.
+//!
+//! # The context
+//! In transaction scope, a statement under a context runs in the same implicit
+//! transaction as the context statement (`set_config(…, true)`): one Sync, no `BEGIN`, no
+//! `COMMIT`, and the context is gone when the transaction ends. A `BEGIN` of the user's
+//! (by [`transaction`](super::ClientWrapper::transaction), in SQL text, in a
+//! multi-statement string) turns that transaction into the user's own, still under the
+//! context; statements inside it need no context statement of their own. The status byte
+//! of ReadyForQuery says when it ended. In session scope the context statement
+//! (`set_config(…, false)`) is followed by a `COMMIT` of the pool's, and the context counts
+//! as applied only once the server answered it.
+
+use std::sync::Arc;
+
+use futures_util::future::join;
+use parking_lot::Mutex;
+use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::{Client, Error, Statement};
+
+use super::mapping::{self, ContextConfig, ContextScope, MAX_FLAT, Mapped, SYNC_ANY_SQL};
+use super::wire::{Anchor, Batch, Statements, TxStatus, WireHandle};
+use crate::backend::DiscardReason;
+
+/// The reset, in order. Every name is qualified: the previous user's `search_path` is
+/// still in force while it runs.
+const RESET: &[&str] = &[
+    "SET SESSION AUTHORIZATION DEFAULT",
+    "RESET ALL",
+    "RESET ROLE",
+    "CLOSE ALL",
+    "UNLISTEN *",
+    "SELECT pg_catalog.pg_advisory_unlock_all()",
+    "DISCARD TEMP",
+    "DISCARD SEQUENCES",
+];
+
+/// Deallocates SQL-level prepared statements (`PREPARE`); sent when a command tag said
+/// one was made, or after a reset failed.
+const DEALLOCATE_SQL_PREPARED: &str = "DO $ctxpool$ DECLARE s record; BEGIN \
+     FOR s IN SELECT name FROM pg_catalog.pg_prepared_statements WHERE from_sql LOOP \
+     EXECUTE pg_catalog.format('DEALLOCATE %I', s.name); END LOOP; END $ctxpool$";
+
+/// Fails (and so stops the batch) when SQL-level prepared statements remain, for those
+/// made where no command tag shows it (inside a function). The next reset then
+/// deallocates them.
+const CHECK_SQL_PREPARED: &str = "SELECT ('ctxpool: the session holds SQL prepared \
+     statements of an earlier checkout; retry, and they are deallocated first' \
+     || pg_catalog.left(name, 0))::int FROM pg_catalog.pg_prepared_statements \
+     WHERE from_sql LIMIT 1";
+
+/// The `COMMIT` that ends a reset when no context statement follows it, prepared under
+/// this text when statements are not prepared (behind a pooler).
+const COMMIT_ANCHOR_SQL: &str = "COMMIT /* ctxpool: end of the session reset */";
+
+/// A statement the pool prepared, with the name the server knows it by.
+struct Named {
+    statement: Statement,
+    name: String,
+}
+
+/// The statements the pool prepares on each connection at connect, in one flight.
+pub(crate) struct PoolStatements {
+    /// The context statement for each attribute count up to [`MAX_FLAT`].
+    flat: Vec<Named>,
+    /// The context statement for any attribute count.
+    any: Named,
+    /// `COMMIT`.
+    commit: Named,
+}
+
+impl PoolStatements {
+    /// Prepares them, learning their names from the wire. `None` when a name could not be
+    /// learnt (the statements are then sent unnamed).
+    pub(crate) async fn prepare(client: &Client, wire: &WireHandle) -> Result<Option<Self>, Error> {
+        let sqls: Vec<String> = (0..=MAX_FLAT).map(mapping::sync_sql).collect();
+        let mut texts = sqls.clone();
+        texts.push(SYNC_ANY_SQL.to_owned());
+        texts.push("COMMIT".to_owned());
+        wire.learn_names(texts);
+        let types: Vec<Vec<Type>> = (0..=MAX_FLAT).map(mapping::sync_types).collect();
+        let flat = futures_util::future::try_join_all(
+            sqls.iter()
+                .zip(&types)
+                .map(|(sql, t)| client.prepare_typed(sql, t)),
+        );
+        let any = client.prepare_typed(SYNC_ANY_SQL, &mapping::SYNC_ANY_TYPES);
+        let commit = client.prepare("COMMIT");
+        let ((flat, any), commit) = join(join(flat, any), commit).await;
+        let names = wire.learned_names();
+        let (flat, any, commit) = (flat?, any?, commit?);
+        let mut statements = flat.into_iter().chain([any, commit]);
+        let mut named = names.into_iter().map(|name| {
+            let statement = statements.next()?;
+            Some(Named {
+                statement,
+                name: name?,
+            })
+        });
+        let mut flat = Vec::with_capacity(MAX_FLAT + 1);
+        for _ in 0..=MAX_FLAT {
+            match named.next().flatten() {
+                Some(n) => flat.push(n),
+                None => return Ok(None),
+            }
+        }
+        let (Some(Some(any)), Some(Some(commit))) = (named.next(), named.next()) else {
+            return Ok(None);
+        };
+        Ok(Some(Self { flat, any, commit }))
+    }
+}
+
+/// What the pool knows of the server session.
+#[derive(Default)]
+struct State {
+    /// The reset goes with the next statement sent while idle.
+    reset_armed: bool,
+    /// This checkout sent SQL.
+    dirty: bool,
+    /// Session scope: the context the server confirmed it holds.
+    applied: Option<Arc<Mapped>>,
+    /// The context in force in the open transaction.
+    in_transaction: Option<Arc<Mapped>>,
+    /// The next reset deallocates SQL-level prepared statements.
+    deallocate: bool,
+}
+
+/// The pool's own request that carries a batch.
+#[derive(Clone)]
+pub(crate) enum Carrier {
+    /// The context statement, transaction-local or session-wide.
+    Context { mapped: Arc<Mapped>, local: bool },
+    /// `COMMIT`, ending a reset.
+    Commit,
+}
+
+/// How one statement is sent.
+pub(crate) enum Plan {
+    /// As it is.
+    Direct,
+    /// Carried by a batch.
+    Batch(BatchPlan),
+}
+
+/// A batch and what it would establish.
+pub(crate) struct BatchPlan {
+    pub(crate) batch: Arc<Batch>,
+    pub(crate) carrier: Carrier,
+    /// The batch carries the reset (confirmed by `before`, or by the carrier when it is
+    /// the `COMMIT`).
+    resets: bool,
+    /// Session scope: the batch applies this context session-wide (confirmed by `after`).
+    applies: Option<Arc<Mapped>>,
+}
+
+/// Which statement a plan is for.
+#[derive(Clone, Copy)]
+pub(crate) enum Purpose<'a> {
+    /// A statement of the user's, which follows the carrier under the same Sync.
+    Statement,
+    /// Opening a transaction with this `BEGIN` or `START TRANSACTION …`.
+    Begin(&'a str),
+}
+
+/// One connection's session.
+pub(crate) struct Session {
+    pub(crate) wire: WireHandle,
+    config: Arc<ContextConfig>,
+    /// `None` when statements are sent unnamed (a pooler sits in between, or the
+    /// configuration says so).
+    statements: Option<PoolStatements>,
+    /// A pooler or proxy sits between the pool and the server.
+    proxied: bool,
+    state: Mutex<State>,
+}
+
+impl Session {
+    pub(crate) fn new(
+        wire: WireHandle,
+        config: Arc<ContextConfig>,
+        statements: Option<PoolStatements>,
+        proxied: bool,
+    ) -> Self {
+        Self {
+            wire,
+            config,
+            statements,
+            proxied,
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    pub(crate) fn config(&self) -> &ContextConfig {
+        &self.config
+    }
+
+    pub(crate) fn proxied(&self) -> bool {
+        self.proxied
+    }
+
+    /// Decides how the next statement travels under `desired`.
+    pub(crate) fn plan(&self, desired: Option<&Arc<Mapped>>, purpose: Purpose<'_>) -> Plan {
+        let mut st = self.state.lock();
+        st.dirty = true;
+        let begin = match purpose {
+            Purpose::Begin(sql) => Some(sql),
+            Purpose::Statement => None,
+        };
+        match self.wire.status() {
+            TxStatus::Failed => Plan::Direct,
+            TxStatus::InTransaction => {
+                // Statements inside an open transaction run under the context it holds;
+                // only a change needs a context statement (local to the transaction).
+                let held = st.in_transaction.clone();
+                let mapped = match (desired, &held) {
+                    (Some(d), Some(h)) if d.same_as(h) => return Plan::Direct,
+                    (Some(d), _) => d.clone(),
+                    (None, Some(h)) => Arc::new(h.cleared()),
+                    (None, None) => return Plan::Direct,
+                };
+                if self.config.scope == ContextScope::Session {
+                    // The session-wide context is switched at the next idle statement.
+                    st.reset_armed = true;
+                }
+                let batch = Batch::new(
+                    self.anchor(&Carrier::Context {
+                        mapped: mapped.clone(),
+                        local: true,
+                    }),
+                    Statements::default(),
+                    Statements::default(),
+                    false,
+                );
+                Plan::Batch(BatchPlan {
+                    batch: Arc::new(batch),
+                    carrier: Carrier::Context {
+                        mapped,
+                        local: true,
+                    },
+                    resets: false,
+                    applies: None,
+                })
+            }
+            TxStatus::Idle => self.plan_idle(&mut st, desired, begin),
+        }
+    }
+
+    fn plan_idle(
+        &self,
+        st: &mut State,
+        desired: Option<&Arc<Mapped>>,
+        begin: Option<&str>,
+    ) -> Plan {
+        let session = self.config.scope == ContextScope::Session;
+        let holds_desired = match (&st.applied, desired) {
+            (None, None) => true,
+            (Some(a), Some(d)) => a.same_as(d),
+            _ => false,
+        };
+        // In session scope a context switch resets first: nothing of the previous
+        // context may survive into the next.
+        let resets = st.reset_armed || (session && !holds_desired);
+        let mut before = Statements::default();
+        if resets {
+            if st.deallocate {
+                before.push(DEALLOCATE_SQL_PREPARED);
+            }
+            for sql in RESET {
+                before.push(sql);
+            }
+            before.push(CHECK_SQL_PREPARED);
+        }
+        let mut after = Statements::default();
+        let (carrier, applies) = match desired {
+            Some(d) if !session || !holds_desired || resets => {
+                if resets {
+                    before.push("COMMIT");
+                }
+                let local = !session;
+                if session {
+                    after.push("COMMIT");
+                }
+                let carrier = Carrier::Context {
+                    mapped: d.clone(),
+                    local,
+                };
+                (carrier, session.then(|| d.clone()))
+            }
+            _ if resets => (Carrier::Commit, None),
+            _ => return Plan::Direct,
+        };
+        // A BEGIN goes after the context in extended form: the context statement then
+        // belongs to the user's transaction. START TRANSACTION with options must come
+        // first in its transaction, so it goes before.
+        let merge = match begin {
+            None => true,
+            Some(sql) => {
+                match &carrier {
+                    Carrier::Context { local: true, .. } => before.push(sql),
+                    _ => after.push(sql),
+                }
+                false
+            }
+        };
+        let batch = Batch::new(self.anchor(&carrier), before, after, merge);
+        Plan::Batch(BatchPlan {
+            batch: Arc::new(batch),
+            carrier,
+            resets,
+            applies,
+        })
+    }
+
+    fn anchor(&self, carrier: &Carrier) -> Anchor {
+        match (&self.statements, carrier) {
+            (Some(s), Carrier::Context { mapped, .. }) => {
+                Anchor::Named(s.context_statement(mapped).name.clone())
+            }
+            (Some(s), Carrier::Commit) => Anchor::Named(s.commit.name.clone()),
+            (None, Carrier::Context { .. }) => Anchor::Unnamed(SYNC_ANY_SQL),
+            (None, Carrier::Commit) => Anchor::Unnamed(COMMIT_ANCHOR_SQL),
+        }
+    }
+
+    /// Sends the carrier request of a batch through tokio-postgres.
+    pub(crate) async fn send_carrier(&self, client: &Client, carrier: &Carrier) -> Result<(), Error> {
+        static LOCAL: bool = true;
+        static SESSION: bool = false;
+        match (&self.statements, carrier) {
+            (Some(s), Carrier::Context { mapped, local }) => {
+                let local = if *local { &LOCAL } else { &SESSION };
+                let statement = &s.context_statement(mapped).statement;
+                if mapped.attribute_count() <= MAX_FLAT {
+                    client.execute(statement, &mapped.flat_params(local)).await?;
+                } else {
+                    client.execute(statement, &mapped.any_params(local)).await?;
+                }
+            }
+            (Some(s), Carrier::Commit) => {
+                client.execute(&s.commit.statement, &[]).await?;
+            }
+            (None, Carrier::Context { mapped, local }) => {
+                let local = if *local { &LOCAL } else { &SESSION };
+                client
+                    .query_typed(SYNC_ANY_SQL, &mapped.typed_any_params(local))
+                    .await?;
+            }
+            (None, Carrier::Commit) => {
+                let none: &[(&(dyn ToSql + Sync), Type)] = &[];
+                client.query_typed(COMMIT_ANCHOR_SQL, none).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Records what the server confirmed once a planned statement was answered.
+    pub(crate) fn settle(&self, plan: &Plan, carrier_ok: bool) {
+        let mut st = self.state.lock();
+        if let Plan::Batch(p) = plan {
+            let reset_done = match p.carrier {
+                Carrier::Commit => p.batch.before_confirmed() && carrier_ok,
+                Carrier::Context { .. } => p.batch.before_confirmed(),
+            };
+            if p.resets {
+                if reset_done {
+                    st.reset_armed = false;
+                    st.deallocate = false;
+                    st.applied = None;
+                } else {
+                    // Still armed; whatever failed, SQL prepared statements may be why.
+                    st.reset_armed = true;
+                    st.deallocate = true;
+                    st.applied = None;
+                }
+            }
+            if let Some(mapped) = &p.applies {
+                if reset_done || !p.resets {
+                    st.applied = p
+                        .batch
+                        .after_confirmed()
+                        .then(|| mapped.clone());
+                }
+            }
+            if let Carrier::Context { mapped, .. } = &p.carrier {
+                if carrier_ok && self.wire.status() == TxStatus::InTransaction {
+                    st.in_transaction = Some(mapped.clone());
+                }
+            }
+        }
+        if self.wire.take_sql_prepared() {
+            st.deallocate = true;
+        }
+        if self.wire.status() == TxStatus::Idle {
+            st.in_transaction = None;
+        }
+    }
+
+    /// Release: decides whether the connection may go back to the pool.
+    pub(crate) fn release(&self, closed: bool, in_flight: bool) -> Result<(), DiscardReason> {
+        if in_flight {
+            return Err(DiscardReason::InFlight);
+        }
+        if closed {
+            return Err(DiscardReason::Lost);
+        }
+        let (theirs, _ours) = self.wire.outstanding();
+        if theirs != 0 {
+            // A result stream outlived its handle: the next acquirer would queue behind it.
+            return Err(DiscardReason::InFlight);
+        }
+        if self.wire.statements_lost() {
+            return Err(DiscardReason::ResetFailed);
+        }
+        let mut st = self.state.lock();
+        if self.wire.status() != TxStatus::Idle {
+            // Left in a transaction (forgotten, or opened in SQL and never ended): roll it
+            // back now, so that its locks go; recycle waits for the answer.
+            self.wire.send_query("ROLLBACK");
+            st.in_transaction = None;
+            st.reset_armed = true;
+        }
+        if std::mem::take(&mut st.dirty) || st.applied.is_some() {
+            st.reset_armed = true;
+        }
+        Ok(())
+    }
+
+    /// Arms the reset (after a recycle query that may have changed the session).
+    pub(crate) fn arm_reset(&self) {
+        self.state.lock().reset_armed = true;
+    }
+}
+
+impl PoolStatements {
+    fn context_statement(&self, mapped: &Mapped) -> &Named {
+        self.flat.get(mapped.attribute_count()).unwrap_or(&self.any)
+    }
+}
