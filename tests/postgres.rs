@@ -293,28 +293,52 @@ async fn session_scope_affinity_sends_nothing_for_the_same_context() {
     assert_eq!(who, "hr_employee");
 }
 
+/// What a plain handle sees of its session: the backend, whether a transaction is open,
+/// and who it runs as.
+async fn idle_state(c: &ctxpool::postgres::Client) -> (i32, Option<i64>, String) {
+    let row = c
+        .query_one(
+            "SELECT pg_backend_pid(), txid_current_if_assigned()::text::bigint, current_user::text",
+            &[],
+        )
+        .await
+        .unwrap();
+    (row.get(0), row.get(1), row.get(2))
+}
+
 #[tokio::test]
-async fn transactions_left_open_or_aborted_are_discarded() {
+async fn transactions_left_open_or_aborted_are_rolled_back_before_reuse() {
     let cluster = hr_cluster();
     for scope in SCOPES {
         let pool = pool(&cluster.url("hr_app", "hr"), scope, 1);
-        // A raw BEGIN as SQL text, left open.
+        // A raw BEGIN as SQL text, left open with a transaction id assigned.
         let c = pool.get().await.unwrap();
-        c.batch_execute("BEGIN").await.unwrap();
-        c.query("SELECT 1", &[]).await.unwrap();
+        let (pid, _, _) = idle_state(&c).await;
+        c.batch_execute("BEGIN; SELECT txid_current()")
+            .await
+            .unwrap();
         drop(c);
+        assert_eq!(pool.status().size, 1, "{scope:?}: kept, to be rolled back");
+        let c = pool.get().await.unwrap();
         assert_eq!(
-            pool.status().size,
-            0,
-            "{scope:?}: a connection in a transaction was kept"
+            idle_state(&c).await,
+            (pid, None, "hr_app".to_owned()),
+            "{scope:?}: the same backend, out of the transaction"
         );
+        drop(c);
 
         // An aborted one.
         let c = pool.get().await.unwrap();
         c.execute("BEGIN", &[]).await.unwrap();
         assert!(c.query("SELECT 1/0", &[]).await.is_err());
         drop(c);
-        assert_eq!(pool.status().size, 0, "{scope:?}");
+        let c = pool.get().await.unwrap();
+        assert_eq!(
+            idle_state(&c).await,
+            (pid, None, "hr_app".to_owned()),
+            "{scope:?}"
+        );
+        drop(c);
 
         // A Transaction dropped without commit rolls back and keeps the connection.
         let mut c = pool.acquire_as(&bob()).await.unwrap();

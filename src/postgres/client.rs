@@ -296,7 +296,9 @@ impl ClientWrapper {
         if wire.outstanding().1 != 0 {
             wire.settled().await;
         }
-        let plan = self.session.plan(self.desired.as_ref(), Purpose::Begin(begin));
+        let plan = self
+            .session
+            .plan(self.desired.as_ref(), Purpose::Begin(begin));
         self.in_flight.fetch_add(1, Ordering::SeqCst);
         let result = match &plan {
             Plan::Direct => self.client.batch_execute(begin).await,

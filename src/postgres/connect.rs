@@ -11,7 +11,6 @@ use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-
 use socket2::{SockRef, TcpKeepalive};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
@@ -292,4 +291,3 @@ fn shuffle(order: &mut [usize]) {
         order.swap(i, (x % (i as u64 + 1)) as usize);
     }
 }
-

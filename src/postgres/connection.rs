@@ -225,10 +225,17 @@ impl Session {
             TxStatus::InTransaction => {
                 // Statements inside an open transaction run under the context it holds;
                 // only a change needs a context statement (local to the transaction).
-                let held = st.in_transaction.clone();
+                // In session scope, the session-wide context is in force unless this
+                // transaction set another.
+                let held = st.in_transaction.clone().or_else(|| {
+                    (self.config.scope == ContextScope::Session)
+                        .then(|| st.applied.clone())
+                        .flatten()
+                });
                 let mapped = match (desired, &held) {
                     (Some(d), Some(h)) if d.same_as(h) => return Plan::Direct,
                     (Some(d), _) => d.clone(),
+                    (None, Some(h)) if h.is_cleared() => return Plan::Direct,
                     (None, Some(h)) => Arc::new(h.cleared()),
                     (None, None) => return Plan::Direct,
                 };
@@ -273,7 +280,7 @@ impl Session {
         };
         // In session scope a context switch resets first: nothing of the previous
         // context may survive into the next.
-        let resets = st.reset_armed || (session && !holds_desired);
+        let resets = (st.reset_armed || (session && !holds_desired)) && !sabotaged_reset();
         let mut before = Statements::default();
         if resets {
             if st.deallocate {
@@ -337,7 +344,11 @@ impl Session {
     }
 
     /// Sends the carrier request of a batch through tokio-postgres.
-    pub(crate) async fn send_carrier(&self, client: &Client, carrier: &Carrier) -> Result<(), Error> {
+    pub(crate) async fn send_carrier(
+        &self,
+        client: &Client,
+        carrier: &Carrier,
+    ) -> Result<(), Error> {
         static LOCAL: bool = true;
         static SESSION: bool = false;
         match (&self.statements, carrier) {
@@ -345,7 +356,9 @@ impl Session {
                 let local = if *local { &LOCAL } else { &SESSION };
                 let statement = &s.context_statement(mapped).statement;
                 if mapped.attribute_count() <= MAX_FLAT {
-                    client.execute(statement, &mapped.flat_params(local)).await?;
+                    client
+                        .execute(statement, &mapped.flat_params(local))
+                        .await?;
                 } else {
                     client.execute(statement, &mapped.any_params(local)).await?;
                 }
@@ -389,10 +402,7 @@ impl Session {
             }
             if let Some(mapped) = &p.applies {
                 if reset_done || !p.resets {
-                    st.applied = p
-                        .batch
-                        .after_confirmed()
-                        .then(|| mapped.clone());
+                    st.applied = p.batch.after_confirmed().then(|| mapped.clone());
                 }
             }
             if let Carrier::Context { mapped, .. } = &p.carrier {
@@ -426,7 +436,7 @@ impl Session {
             return Err(DiscardReason::ResetFailed);
         }
         let mut st = self.state.lock();
-        if self.wire.status() != TxStatus::Idle {
+        if self.wire.status() != TxStatus::Idle && !sabotaged_status() {
             // Left in a transaction (forgotten, or opened in SQL and never ended): roll it
             // back now, so that its locks go; recycle waits for the answer.
             self.wire.send_query("ROLLBACK");
@@ -449,4 +459,21 @@ impl PoolStatements {
     fn context_statement(&self, mapped: &Mapped) -> &Named {
         self.flat.get(mapped.attribute_count()).unwrap_or(&self.any)
     }
+}
+
+#[cfg(feature = "testing")]
+fn sabotaged_reset() -> bool {
+    crate::testing::sabotage::reset_skipped()
+}
+#[cfg(not(feature = "testing"))]
+fn sabotaged_reset() -> bool {
+    false
+}
+#[cfg(feature = "testing")]
+pub(crate) fn sabotaged_status() -> bool {
+    crate::testing::sabotage::status_ignored()
+}
+#[cfg(not(feature = "testing"))]
+pub(crate) fn sabotaged_status() -> bool {
+    false
 }

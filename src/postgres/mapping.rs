@@ -235,6 +235,11 @@ impl Mapped {
         }
     }
 
+    /// Whether this is a [`cleared`](Self::cleared) mapping.
+    pub(crate) fn is_cleared(&self) -> bool {
+        self.role == "none" && self.end_user.is_empty()
+    }
+
     /// Whether two mappings set the same values.
     pub(crate) fn same_as(&self, other: &Self) -> bool {
         self.role == other.role
@@ -505,7 +510,7 @@ mod tests {
         assert_eq!(sync_types(2).len(), 9);
         let sql = sync_sql(2);
         assert!(
-            sql.ends_with("set_config($5, $6, $9), set_config($7, $8, $9)"),
+            sql.ends_with("pg_catalog.set_config($5, $6, $9), pg_catalog.set_config($7, $8, $9)"),
             "{sql}"
         );
         assert_eq!(sql.matches("set_config").count(), 6);

@@ -167,17 +167,17 @@ mod statement_cache;
 mod transaction;
 mod wire;
 
+pub use backend::Manager;
 pub use client::{ClientWrapper, StatementRef, ToStatement};
 pub use config::{
     ChannelBinding, Config, ConfigError, LoadBalanceHosts, ManagerConfig, RecyclingMethod, SslMode,
     TargetSessionAttrs,
 };
+pub use connect::Socket;
 pub use deadpool::Runtime;
 pub use deadpool::managed::{PoolConfig, Timeouts};
-pub use generic_client::GenericClient;
-pub use backend::Manager;
-pub use connect::Socket;
 pub use error::Error;
+pub use generic_client::GenericClient;
 pub use mapping::{ContextConfig, ContextScope, MappingError, RoleMapping};
 pub use statement_cache::StatementCache;
 pub use tokio_postgres;

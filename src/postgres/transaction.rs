@@ -153,7 +153,6 @@ impl<'a> Transaction<'a> {
             done: false,
         })
     }
-
 }
 
 impl Drop for Transaction<'_> {

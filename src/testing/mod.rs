@@ -15,6 +15,7 @@
 mod connection;
 mod pg_cluster;
 mod proxy;
+pub mod sabotage;
 mod server;
 
 pub use connection::{MemConnection, Observation, Statement};

@@ -345,11 +345,7 @@ impl WireHandle {
     /// Says whether the request after `batch`'s anchor was sent. Until this is said, a
     /// merged batch's Sync is held by the layer.
     pub(crate) fn follower(&self, batch: &Batch, sent: bool) {
-        let word = if sent {
-            FOLLOWER_COMING
-        } else {
-            FOLLOWER_NONE
-        };
+        let word = if sent { FOLLOWER_COMING } else { FOLLOWER_NONE };
         batch.follower.store(word, Ordering::Release);
         self.0.writer_waker.wake();
     }

@@ -55,9 +55,7 @@ impl<S> WireStream<S> {
     /// the SSLRequest's answer and the start-up message, when nothing is buffered.
     pub(crate) fn into_parts(self) -> (S, WireHandle) {
         debug_assert!(self.to_server.is_empty() && self.to_client.is_empty());
-        let Self {
-            io, mut closed, ..
-        } = self;
+        let Self { io, mut closed, .. } = self;
         closed.armed = false;
         (io, closed.handle.clone())
     }
