@@ -19,46 +19,9 @@ use crate::context::SecurityContext;
 use super::connection::{BatchPlan, Plan, Purpose, Session};
 use super::mapping::{self, ContextScope, Mapped, MappingError};
 use super::statement_cache::StatementCache;
+use super::to_statement::{StatementRef, ToStatement};
 use super::transaction::{Transaction, TransactionBuilder};
 use super::wire::TxStatus;
-
-/// A statement given as SQL text or prepared: what `query` and friends accept, as in
-/// tokio-postgres (`&str`, `String` or `Statement`).
-pub trait ToStatement: private::Sealed + Sync {
-    #[doc(hidden)]
-    fn to_statement(&self) -> StatementRef<'_>;
-}
-
-/// The two shapes of [`ToStatement`].
-#[doc(hidden)]
-#[derive(Debug)]
-pub enum StatementRef<'a> {
-    Prepared(&'a Statement),
-    Sql(&'a str),
-}
-
-mod private {
-    pub trait Sealed {}
-    impl Sealed for str {}
-    impl Sealed for String {}
-    impl Sealed for tokio_postgres::Statement {}
-}
-
-impl ToStatement for str {
-    fn to_statement(&self) -> StatementRef<'_> {
-        StatementRef::Sql(self)
-    }
-}
-impl ToStatement for String {
-    fn to_statement(&self) -> StatementRef<'_> {
-        StatementRef::Sql(self)
-    }
-}
-impl ToStatement for Statement {
-    fn to_statement(&self) -> StatementRef<'_> {
-        StatementRef::Prepared(self)
-    }
-}
 
 /// A PostgreSQL connection whose statements run under the handle's security context.
 ///
@@ -354,6 +317,19 @@ impl ClientWrapper {
     /// Sync until the second came.
     pub fn held_syncs(&self) -> u64 {
         self.session.wire.held_syncs()
+    }
+
+    /// How often a batch's first request went out alone because the request meant to
+    /// follow it was never sent (tokio-postgres refused it before sending, e.g. a
+    /// parameter that failed to encode).
+    pub fn unmerged_batches(&self) -> u64 {
+        self.session.wire.unmerged()
+    }
+
+    /// The value of a run-time parameter the server reported (ParameterStatus), such as
+    /// `server_version`, `TimeZone` or `in_hot_standby`.
+    pub fn parameter_status(&self, name: &str) -> Option<String> {
+        self.session.wire.parameter(name)
     }
 
     /// Whether the connection goes through a pooler or proxy (PgBouncer, pgpool-II):

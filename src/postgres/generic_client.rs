@@ -4,7 +4,7 @@ use async_trait::async_trait;
 use tokio_postgres::types::{BorrowToSql, ToSql, Type};
 use tokio_postgres::{Error, Row, RowStream, Statement};
 
-use super::client::ToStatement;
+use super::to_statement::ToStatement;
 use super::{Client, Transaction};
 
 mod private {

@@ -33,36 +33,42 @@
 //! before any SQL is sent. The pool's login role must be granted each allowed role.
 //!
 //! # Scopes and the wire
-//! - [`ContextScope::Transaction`] (default): every statement run with a context travels
-//!   as `BEGIN`, the context statement, the statement, `COMMIT`, pipelined in **one
-//!   flight**: the same round trips as the bare statement. The context is
-//!   transaction-local, so nothing survives it and PgBouncer in transaction mode is safe.
+//! Beneath tokio-postgres sits a wire layer of the pool's (`wire`): it reads the
+//! transaction status of every ReadyForQuery, and it can send statements of the pool's
+//! own in the same flight as the user's, under **one Sync**, so that they form one
+//! implicit transaction with it. Everything the pool decides about a session comes from
+//! what the server reports there, never from reading SQL text.
+//! - [`ContextScope::Transaction`] (default): a statement run with a context travels as the
+//!   context statement (`set_config(…, true)`) and the statement, under one Sync: the
+//!   round trips of the bare statement, and the context is gone when the transaction ends.
 //!   If the context statement fails (role dropped or not granted, a setting refused) the
-//!   transaction is aborted, the statement never runs, and the caller gets the context
-//!   statement's error. [`ClientWrapper::transaction`] sends `BEGIN` and the context in one
-//!   flight; every statement of the transaction then runs under it. SQL text run with a
-//!   context (`batch_execute`, `simple_query`) runs inside the context's transaction, so
-//!   transaction control in that text (`BEGIN`, `COMMIT`) is not supported there: use
-//!   [`ClientWrapper::transaction`]. `query_raw` and `copy_out` send the `COMMIT` in the
-//!   same flight without waiting for it, so that their rows stream.
-//! - [`ContextScope::Session`]: the context is set session-wide on the first statement of a
-//!   checkout (same pipeline, same fail-closed shape) and kept; the next statements go
-//!   bare. At the next checkout the first statement carries the reset, unless the same
-//!   context comes back (affinity): then nothing is sent at all. Not for PgBouncer in
-//!   transaction mode.
+//!   server skips the statement and the caller gets the context statement's error. A
+//!   `BEGIN` of the user's ([`ClientWrapper::transaction`], SQL text, a multi-statement
+//!   string) makes that transaction the user's own, still under the context, until its
+//!   `COMMIT` or `ROLLBACK`. PgBouncer in transaction mode is safe.
+//! - [`ContextScope::Session`]: the context statement (`set_config(…, false)`) is followed
+//!   by a `COMMIT` of the pool's, under the same Sync as the checkout's first statement; the
+//!   context counts as applied only once the server answered that `COMMIT`, and the next
+//!   statements go bare. Refused behind a pooler (detected at connect).
 //!
-//! # What the pool does not see, and how it copes
-//! PostgreSQL does not report a change of role or of a custom setting, and `SET ROLE` is no
-//! boundary against SQL on the same connection: the user's SQL can run `RESET ROLE`, `SET
-//! ROLE other`, `set_config(…)`. So the pool reads the SQL text it sends: text that may
-//! change session state (anything but plain data statements) marks the connection, and
-//! the next checkout's first statement carries a full reset (`ROLLBACK`, `RESET ALL`,
-//! `RESET ROLE`, cursors, listeners, advisory locks, temporary tables) inside its
-//! transaction. Text that may leave a transaction open (`BEGIN` sent as SQL) gets the
-//! connection discarded at release. A *function* that changes session state
-//! (`set_config(…, false)` inside a PL/pgSQL body) is not visible in the text: do not grant
-//! such functions to end-user roles, and write policies on the `ctxpool.*` settings, which
-//! the pool itself sets in every context transaction.
+//! # Release and the reset
+//! A checkout that sent any SQL leaves the session to be reset: role and session
+//! authorization, every setting, cursors, listeners, advisory locks, temporary objects,
+//! sequence state, SQL-level prepared statements (what `DISCARD ALL` does, bar the
+//! protocol-level statements the pool and your statement cache own). The reset rides with
+//! the next checkout's first statement, in the same flight, and ends in a `COMMIT` of its
+//! own: it is done when the server answered that, and sent again until it is. A connection
+//! released inside a transaction (a forgotten [`Transaction`], a `BEGIN` in SQL text never
+//! ended) is rolled back at release and reused only once the server reports it idle; one
+//! released with a result stream still unread is discarded.
+//!
+//! # What remains
+//! `SET ROLE` is no boundary against SQL on the same connection: the user's SQL can run
+//! `RESET ROLE`, `SET ROLE other`, `set_config(…)` during its own checkout. Write policies
+//! on the `ctxpool.*` settings, which the pool sets for every statement under a context.
+//! Some session state no statement can reset: a custom setting once defined reads `''`
+//! rather than NULL for the rest of the session (policies must treat both as "none"), and
+//! the state of `random()` after `setseed()`.
 
 /// The statement methods [`ClientWrapper`] and [`Transaction`] share: resolve the
 /// statement (text is prepared first), then run it through the type's own `run`, which
@@ -164,11 +170,12 @@ mod error;
 mod generic_client;
 pub mod mapping;
 mod statement_cache;
+mod to_statement;
 mod transaction;
 mod wire;
 
 pub use backend::Manager;
-pub use client::{ClientWrapper, StatementRef, ToStatement};
+pub use client::ClientWrapper;
 pub use config::{
     ChannelBinding, Config, ConfigError, LoadBalanceHosts, ManagerConfig, RecyclingMethod, SslMode,
     TargetSessionAttrs,
@@ -180,6 +187,7 @@ pub use error::Error;
 pub use generic_client::GenericClient;
 pub use mapping::{ContextConfig, ContextScope, MappingError, RoleMapping};
 pub use statement_cache::StatementCache;
+pub use to_statement::{StatementRef, ToStatement};
 pub use tokio_postgres;
 pub use transaction::{Transaction, TransactionBuilder};
 
@@ -195,6 +203,13 @@ pub type Object = crate::Object<Manager>;
 pub type Client = Object;
 /// Why a connection could not be handed out.
 pub type PoolError = crate::PoolError<Error>;
+
+/// The SQLSTATE of the error a statement gets when the server did not run it because an
+/// earlier statement of its batch failed (the session reset, or the security context):
+/// PostgreSQL's own code for "commands ignored until end of transaction block". The caller
+/// of a pooled method gets that earlier error first; this one is what other requests of
+/// the same batch see.
+pub const SKIPPED_SQLSTATE: &str = wire::SKIPPED_SQLSTATE;
 
 /// The SQL helpers policies use: `ctxpool.end_user()`, `ctxpool.has_data_role(text)` and
 /// `ctxpool.attr(ctx text, key text)`, each NULL when no context is set. Also shipped as

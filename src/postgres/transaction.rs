@@ -10,7 +10,8 @@ use tokio_postgres::{
     Statement,
 };
 
-use super::client::{ClientWrapper, ToStatement, isolation_sql};
+use super::client::{ClientWrapper, isolation_sql};
+use super::to_statement::ToStatement;
 
 /// A transaction on a pooled connection, under the handle's context.
 ///

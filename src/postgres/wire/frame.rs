@@ -193,6 +193,7 @@ pub(crate) fn split_cstr(body: &[u8]) -> Option<(&[u8], &[u8])> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -147,11 +147,6 @@ impl Statements {
         frame::statement(&mut self.bytes, sql);
         self.count += 1;
     }
-
-    /// How many statements there are.
-    pub(crate) fn len(&self) -> u32 {
-        self.count
-    }
 }
 
 impl Batch {
@@ -183,11 +178,6 @@ impl Batch {
     pub(crate) fn after_confirmed(&self) -> bool {
         self.matched.load(Ordering::Acquire)
             && self.after_done.load(Ordering::Acquire) == self.after_steps
-    }
-
-    /// Whether the anchor and the request after it ran under one Sync.
-    pub(crate) fn merged(&self) -> bool {
-        self.merged.load(Ordering::Acquire) == MERGED_YES
     }
 }
 
@@ -393,13 +383,6 @@ impl WireHandle {
         self.0.has_own.store(true, Ordering::Release);
         self.0.writer_waker.wake();
         q
-    }
-}
-
-impl OwnQuery {
-    /// Whether the server answered it without error.
-    pub(crate) fn succeeded(&self) -> bool {
-        self.done.load(Ordering::Acquire) && !self.failed.load(Ordering::Acquire)
     }
 }
 
