@@ -9,9 +9,7 @@ use std::task::Poll;
 
 use tokio::task::JoinHandle;
 use tokio_postgres::types::{BorrowToSql, ToSql, Type};
-use tokio_postgres::{
-    Client, CopyOutStream, Error, IsolationLevel, Row, RowStream, SimpleQueryMessage, Statement,
-};
+use tokio_postgres::{Client, CopyOutStream, Error, Row, RowStream, SimpleQueryMessage, Statement};
 
 use crate::backend::{Connection, DiscardReason};
 use crate::context::SecurityContext;
@@ -376,18 +374,5 @@ impl Connection for ClientWrapper {
 impl Drop for ClientWrapper {
     fn drop(&mut self) {
         self.conn_task.abort();
-    }
-}
-
-/// The isolation levels of [`TransactionBuilder`], as SQL. A level this crate does not
-/// know is not mapped onto another: it is sent as a name PostgreSQL refuses, so that
-/// the transaction fails to start.
-pub(crate) fn isolation_sql(level: IsolationLevel) -> &'static str {
-    match level {
-        IsolationLevel::ReadUncommitted => "ISOLATION LEVEL READ UNCOMMITTED",
-        IsolationLevel::ReadCommitted => "ISOLATION LEVEL READ COMMITTED",
-        IsolationLevel::RepeatableRead => "ISOLATION LEVEL REPEATABLE READ",
-        IsolationLevel::Serializable => "ISOLATION LEVEL SERIALIZABLE",
-        _ => "ISOLATION LEVEL ctxpool_unknown_isolation_level",
     }
 }

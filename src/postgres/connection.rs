@@ -80,6 +80,8 @@ pub(crate) struct PoolStatements {
     any: Named,
     /// `COMMIT`.
     commit: Named,
+    /// [`RESET`], [`CHECK_SQL_PREPARED`] and [`DEALLOCATE_SQL_PREPARED`], in this order.
+    reset: Vec<Named>,
 }
 
 impl PoolStatements {
@@ -87,9 +89,15 @@ impl PoolStatements {
     /// learnt (the statements are then sent unnamed).
     pub(crate) async fn prepare(client: &Client, wire: &WireHandle) -> Result<Option<Self>, Error> {
         let sqls: Vec<String> = (0..=MAX_FLAT).map(mapping::sync_sql).collect();
+        let reset_sqls: Vec<&str> = RESET
+            .iter()
+            .copied()
+            .chain([CHECK_SQL_PREPARED, DEALLOCATE_SQL_PREPARED])
+            .collect();
         let mut texts = sqls.clone();
         texts.push(SYNC_ANY_SQL.to_owned());
         texts.push("COMMIT".to_owned());
+        texts.extend(reset_sqls.iter().map(|s| (*s).to_owned()));
         wire.learn_names(texts);
         let types: Vec<Vec<Type>> = (0..=MAX_FLAT).map(mapping::sync_types).collect();
         let flat = futures_util::future::try_join_all(
@@ -99,10 +107,12 @@ impl PoolStatements {
         );
         let any = client.prepare_typed(SYNC_ANY_SQL, &mapping::SYNC_ANY_TYPES);
         let commit = client.prepare("COMMIT");
-        let ((flat, any), commit) = join(join(flat, any), commit).await;
+        let reset =
+            futures_util::future::try_join_all(reset_sqls.iter().map(|sql| client.prepare(sql)));
+        let ((flat, any), (commit, reset)) = join(join(flat, any), join(commit, reset)).await;
         let names = wire.learned_names();
-        let (flat, any, commit) = (flat?, any?, commit?);
-        let mut statements = flat.into_iter().chain([any, commit]);
+        let (flat, any, commit, reset) = (flat?, any?, commit?, reset?);
+        let mut statements = flat.into_iter().chain([any, commit]).chain(reset);
         let mut named = names.into_iter().map(|name| {
             let statement = statements.next()?;
             Some(Named {
@@ -120,7 +130,16 @@ impl PoolStatements {
         let (Some(Some(any)), Some(Some(commit))) = (named.next(), named.next()) else {
             return Ok(None);
         };
-        Ok(Some(Self { flat, any, commit }))
+        let reset: Option<Vec<Named>> = named.collect();
+        let Some(reset) = reset.filter(|r| r.len() == RESET.len() + 2) else {
+            return Ok(None);
+        };
+        Ok(Some(Self {
+            flat,
+            any,
+            commit,
+            reset,
+        }))
     }
 }
 
@@ -283,23 +302,17 @@ impl Session {
         let resets = (st.reset_armed || (session && !holds_desired)) && !sabotaged_reset();
         let mut before = Statements::default();
         if resets {
-            if st.deallocate {
-                before.push(DEALLOCATE_SQL_PREPARED);
-            }
-            for sql in RESET {
-                before.push(sql);
-            }
-            before.push(CHECK_SQL_PREPARED);
+            self.push_reset(&mut before, st.deallocate);
         }
         let mut after = Statements::default();
         let (carrier, applies) = match desired {
             Some(d) if !session || !holds_desired || resets => {
                 if resets {
-                    before.push("COMMIT");
+                    self.push_commit(&mut before);
                 }
                 let local = !session;
                 if session {
-                    after.push("COMMIT");
+                    self.push_commit(&mut after);
                 }
                 let carrier = Carrier::Context {
                     mapped: d.clone(),
@@ -330,6 +343,42 @@ impl Session {
             resets,
             applies,
         })
+    }
+
+    /// The reset's statements, prepared ones where the connection has them.
+    fn push_reset(&self, into: &mut Statements, deallocate: bool) {
+        match &self.statements {
+            Some(s) => {
+                let (reset, rest) = s.reset.split_at(RESET.len());
+                if deallocate {
+                    if let Some(d) = rest.get(1) {
+                        into.push_prepared(&d.name);
+                    }
+                }
+                for r in reset {
+                    into.push_prepared(&r.name);
+                }
+                if let Some(check) = rest.first() {
+                    into.push_prepared(&check.name);
+                }
+            }
+            None => {
+                if deallocate {
+                    into.push(DEALLOCATE_SQL_PREPARED);
+                }
+                for sql in RESET {
+                    into.push(sql);
+                }
+                into.push(CHECK_SQL_PREPARED);
+            }
+        }
+    }
+
+    fn push_commit(&self, into: &mut Statements) {
+        match &self.statements {
+            Some(s) => into.push_prepared(&s.commit.name),
+            None => into.push("COMMIT"),
+        }
     }
 
     fn anchor(&self, carrier: &Carrier) -> Anchor {

@@ -10,7 +10,7 @@ use tokio_postgres::{
     Statement,
 };
 
-use super::client::{ClientWrapper, isolation_sql};
+use super::client::ClientWrapper;
 use super::to_statement::ToStatement;
 
 /// A transaction on a pooled connection, under the handle's context.
@@ -240,5 +240,18 @@ impl<'a> TransactionBuilder<'a> {
             format!("START TRANSACTION {}", options.join(", "))
         };
         self.wrapper.begin(&begin).await
+    }
+}
+
+/// The isolation levels of [`TransactionBuilder`], as SQL. A level this crate does not
+/// know is not mapped onto another: it is sent as a name PostgreSQL refuses, so that
+/// the transaction fails to start.
+fn isolation_sql(level: IsolationLevel) -> &'static str {
+    match level {
+        IsolationLevel::ReadUncommitted => "ISOLATION LEVEL READ UNCOMMITTED",
+        IsolationLevel::ReadCommitted => "ISOLATION LEVEL READ COMMITTED",
+        IsolationLevel::RepeatableRead => "ISOLATION LEVEL REPEATABLE READ",
+        IsolationLevel::Serializable => "ISOLATION LEVEL SERIALIZABLE",
+        _ => "ISOLATION LEVEL ctxpool_unknown_isolation_level",
     }
 }

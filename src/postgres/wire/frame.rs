@@ -131,6 +131,23 @@ pub(crate) fn statement(out: &mut BytesMut, sql: &str) {
     });
 }
 
+/// Bind (unnamed portal, no parameters) of the prepared statement `name` + Execute: a
+/// statement of ours prepared at connect, whose replies are BindComplete, any rows and
+/// one completion.
+pub(crate) fn prepared_statement(out: &mut BytesMut, name: &str) {
+    frame(out, front::BIND, |b| {
+        cstr(b, "");
+        cstr(b, name);
+        b.put_i16(0);
+        b.put_i16(0);
+        b.put_i16(0);
+    });
+    frame(out, front::EXECUTE, |b| {
+        cstr(b, "");
+        b.put_i32(0);
+    });
+}
+
 /// A Sync frame.
 pub(crate) fn sync(out: &mut BytesMut) {
     frame(out, front::SYNC, |_| {});

@@ -142,9 +142,16 @@ pub(crate) struct Statements {
 }
 
 impl Statements {
-    /// Appends one statement (parsed unnamed: robust against a user's `DEALLOCATE ALL`).
+    /// Appends one statement, parsed unnamed (for a connection where the pool's
+    /// statements are not prepared).
     pub(crate) fn push(&mut self, sql: &str) {
         frame::statement(&mut self.bytes, sql);
+        self.count += 1;
+    }
+
+    /// Appends one statement prepared at connect under `name`: no parse on the server.
+    pub(crate) fn push_prepared(&mut self, name: &str) {
+        frame::prepared_statement(&mut self.bytes, name);
         self.count += 1;
     }
 }
