@@ -38,12 +38,11 @@ use crate::backend::DiscardReason;
 /// The reset, in order. Every name is qualified: the previous user's `search_path` is
 /// still in force while it runs.
 const RESET: &[&str] = &[
+    // Resets the role too.
     "SET SESSION AUTHORIZATION DEFAULT",
     "RESET ALL",
-    "RESET ROLE",
     "CLOSE ALL",
     "UNLISTEN *",
-    "SELECT pg_catalog.pg_advisory_unlock_all()",
     "DISCARD TEMP",
     "DISCARD SEQUENCES",
 ];
@@ -54,13 +53,14 @@ const DEALLOCATE_SQL_PREPARED: &str = "DO $ctxpool$ DECLARE s record; BEGIN \
      FOR s IN SELECT name FROM pg_catalog.pg_prepared_statements WHERE from_sql LOOP \
      EXECUTE pg_catalog.format('DEALLOCATE %I', s.name); END LOOP; END $ctxpool$";
 
-/// Fails (and so stops the batch) when SQL-level prepared statements remain, for those
-/// made where no command tag shows it (inside a function). The next reset then
-/// deallocates them.
-const CHECK_SQL_PREPARED: &str = "SELECT ('ctxpool: the session holds SQL prepared \
-     statements of an earlier checkout; retry, and they are deallocated first' \
-     || pg_catalog.left(name, 0))::int FROM pg_catalog.pg_prepared_statements \
-     WHERE from_sql LIMIT 1";
+/// Releases session-level advisory locks, and fails (stopping the batch) when SQL-level
+/// prepared statements remain, for those made where no command tag shows it (inside a
+/// function); the next reset then deallocates them. The failing cast depends on a row, so
+/// the planner cannot fold it away.
+const CHECK_SQL_PREPARED: &str = "SELECT pg_catalog.pg_advisory_unlock_all(), \
+     (SELECT ('ctxpool: the session holds SQL prepared statements of an earlier checkout; \
+     retry, and they are deallocated first' || pg_catalog.left(name, 0))::int \
+     FROM pg_catalog.pg_prepared_statements WHERE from_sql LIMIT 1)";
 
 /// The `COMMIT` that ends a reset when no context statement follows it, prepared under
 /// this text when statements are not prepared (behind a pooler).

@@ -270,9 +270,14 @@ impl WireHandle {
     /// layer's own not yet answered.
     pub(crate) fn outstanding(&self) -> (u64, u64) {
         let s = &self.0;
-        let theirs = s.theirs_sent.load(Ordering::Acquire) - s.theirs_done.load(Ordering::Acquire);
-        let ours = s.ours_sent.load(Ordering::Acquire) + self.own_queued()
-            - s.ours_done.load(Ordering::Acquire);
+        // The answered counts first: a request is counted written before it can be
+        // answered, so a written count read after them is never below them. Read the
+        // other way round, a request written and answered between the two loads (the
+        // connection task runs on another thread) made the difference negative.
+        let theirs_done = s.theirs_done.load(Ordering::Acquire);
+        let ours_done = s.ours_done.load(Ordering::Acquire);
+        let theirs = s.theirs_sent.load(Ordering::Acquire) - theirs_done;
+        let ours = s.ours_sent.load(Ordering::Acquire) + self.own_queued() - ours_done;
         (theirs, ours)
     }
 
