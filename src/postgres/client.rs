@@ -4,7 +4,7 @@ use std::fmt;
 use std::future::Future;
 use std::pin::pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::Poll;
 
 use tokio::task::JoinHandle;
@@ -36,6 +36,9 @@ pub struct ClientWrapper {
     /// Operations started and not finished. A future dropped mid-flight leaves it above
     /// zero, and the connection is discarded at release.
     in_flight: AtomicUsize,
+    /// A stream this handle returned is still open while fewer requests than this were
+    /// answered.
+    streams_until: AtomicU64,
     /// Held while a batch's two requests are handed to tokio-postgres, so that no request
     /// of another task comes between them.
     enqueue: parking_lot::Mutex<()>,
@@ -60,6 +63,7 @@ impl ClientWrapper {
             session,
             desired: None,
             in_flight: AtomicUsize::new(0),
+            streams_until: AtomicU64::new(0),
             enqueue: parking_lot::Mutex::new(()),
         }
     }
@@ -101,6 +105,11 @@ impl ClientWrapper {
         };
         if !stream {
             wire.settled().await;
+        } else if result.is_ok() {
+            // The stream's request is written (its first reply came); it ends once it is
+            // answered.
+            self.streams_until
+                .fetch_max(wire.written(), Ordering::SeqCst);
         }
         self.in_flight.fetch_sub(1, Ordering::SeqCst);
         self.session.settle(&plan, carrier_ok);
@@ -364,9 +373,10 @@ impl Connection for ClientWrapper {
     }
 
     fn check_release(&mut self) -> Result<(), DiscardReason> {
+        let stream_open = self.session.wire.answered() < self.streams_until.load(Ordering::SeqCst);
         self.session.release(
             self.client.is_closed(),
-            self.in_flight.load(Ordering::SeqCst) != 0,
+            self.in_flight.load(Ordering::SeqCst) != 0 || stream_open,
         )
     }
 }

@@ -468,18 +468,16 @@ impl Session {
         }
     }
 
-    /// Release: decides whether the connection may go back to the pool.
+    /// Release: decides whether the connection may go back to the pool. `in_flight`: an
+    /// operation was cancelled mid-flight, or a result stream outlived its handle (the next
+    /// acquirer would queue behind it). Other requests still unanswered (tokio-postgres
+    /// closing a dropped statement) are waited for by the recycle check.
     pub(crate) fn release(&self, closed: bool, in_flight: bool) -> Result<(), DiscardReason> {
         if in_flight {
             return Err(DiscardReason::InFlight);
         }
         if closed {
             return Err(DiscardReason::Lost);
-        }
-        let (theirs, _ours) = self.wire.outstanding();
-        if theirs != 0 {
-            // A result stream outlived its handle: the next acquirer would queue behind it.
-            return Err(DiscardReason::InFlight);
         }
         if self.wire.statements_lost() {
             return Err(DiscardReason::ResetFailed);

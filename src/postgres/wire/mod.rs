@@ -289,6 +289,16 @@ impl WireHandle {
         }
     }
 
+    /// How many requests of tokio-postgres were written so far.
+    pub(crate) fn written(&self) -> u64 {
+        self.0.theirs_sent.load(Ordering::Acquire)
+    }
+
+    /// How many requests of tokio-postgres were answered so far.
+    pub(crate) fn answered(&self) -> u64 {
+        self.0.theirs_done.load(Ordering::Acquire)
+    }
+
     /// Whether every request written so far was answered (or the connection ended).
     pub(crate) fn is_settled(&self) -> bool {
         self.0.closed.load(Ordering::Acquire) || self.outstanding() == (0, 0)

@@ -1822,3 +1822,74 @@ fn outstanding_read_concurrently_never_underflows() {
     worker.join().unwrap();
     assert!(reads > 0);
 }
+
+/// A batch's anchor cut across two writes while earlier bytes still wait for a narrow
+/// pipe: the stream drains what it may while the anchor is being recognised, and the
+/// batch's statements must still go right before the anchor.
+#[tokio::test]
+async fn stream_anchor_cut_across_writes_behind_buffered_bytes() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    for cut in [3, 7, 12, 20] {
+        let (client_io, mut server_io) = tokio::io::duplex(8);
+        let handle = WireHandle::new();
+        let mut stream = super::WireStream::new(client_io, handle.clone());
+        let startup_back = cat(&[be::auth(0), be::ready(b'I')]);
+        let server = {
+            let startup_back = startup_back.clone();
+            tokio::spawn(async move {
+                let mut got = vec![0; fe::startup().len()];
+                server_io.read_exact(&mut got).await.unwrap();
+                server_io.write_all(&startup_back).await.unwrap();
+                let mut got = Vec::new();
+                server_io.read_to_end(&mut got).await.unwrap();
+                got
+            })
+        };
+        stream.write_all(&fe::startup()).await.unwrap();
+        stream.flush().await.unwrap();
+        let mut got = vec![0; startup_back.len()];
+        stream.read_exact(&mut got).await.unwrap();
+
+        let mut before = Statements::default();
+        before.push("RESET ALL");
+        let batch = Arc::new(Batch::new(
+            Anchor::Named(ANCHOR_NAME.to_owned()),
+            before,
+            Statements::default(),
+            false,
+        ));
+        handle.arm(batch.clone());
+        let plain = fe::query("SELECT 'a request written before the anchor'");
+        let anchor = cat(&[
+            fe::bind("", ANCHOR_NAME, &[b"hr_employee"]),
+            fe::execute(""),
+        ]);
+        let whole = cat(&[anchor.clone(), fe::sync()]);
+        let (head, tail) = whole.split_at(cut);
+        // One write: the request and the anchor's first bytes. The pipe takes 8 bytes.
+        stream
+            .write_all(&cat(&[plain.clone(), head.to_vec()]))
+            .await
+            .unwrap();
+        tokio::task::yield_now().await;
+        stream.write_all(tail).await.unwrap();
+        stream.shutdown().await.unwrap();
+        let got = tokio::time::timeout(std::time::Duration::from_secs(5), server)
+            .await
+            .expect("the server got everything")
+            .unwrap();
+        let want = cat(&[
+            fe::startup(),
+            plain,
+            fe::ours("RESET ALL"),
+            anchor,
+            fe::sync(),
+        ]);
+        assert!(
+            got == want,
+            "cut at {cut}: the server got\n{got:?}\nnot\n{want:?}"
+        );
+        assert!(batch.matched.load(Ordering::Acquire));
+    }
+}
