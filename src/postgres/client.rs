@@ -73,7 +73,7 @@ impl ClientWrapper {
     /// transaction status the operation left.
     pub(crate) async fn run<'s, R, Fut>(
         &'s self,
-        op: impl FnOnce(&'s Client) -> Fut,
+        op: impl FnMut(&'s Client) -> Fut,
     ) -> Result<R, Error>
     where
         Fut: Future<Output = Result<R, Error>>,
@@ -81,13 +81,56 @@ impl ClientWrapper {
         self.run_as(false, op).await
     }
 
+    /// [`run_once`](Self::run_once) for a statement that is not a stream.
+    pub(crate) async fn run_single<'s, R, Fut>(
+        &'s self,
+        op: impl FnOnce(&'s Client) -> Fut,
+    ) -> Result<R, Error>
+    where
+        Fut: Future<Output = Result<R, Error>>,
+    {
+        self.run_once(false, op).await
+    }
+
     /// [`run`](Self::run) for an operation that returns a stream: its ReadyForQuery comes
     /// only once the stream is read to its end.
     pub(crate) async fn run_as<'s, R, Fut>(
         &'s self,
         stream: bool,
+        mut op: impl FnMut(&'s Client) -> Fut,
+    ) -> Result<R, Error>
+    where
+        Fut: Future<Output = Result<R, Error>>,
+    {
+        // Once more when the reset found SQL-level prepared statements of an earlier
+        // checkout that no command tag had shown (made inside a function): the server
+        // skipped the user's statement, and the next reset deallocates them first.
+        match self.attempt(stream, true, &mut op).await {
+            (true, _) => self.attempt(stream, false, &mut op).await.1,
+            (false, result) => result,
+        }
+    }
+
+    /// [`run_as`](Self::run_as) for an operation that cannot be sent twice (its
+    /// parameters are an iterator): the reset's refusal above reaches the caller.
+    pub(crate) async fn run_once<'s, R, Fut>(
+        &'s self,
+        stream: bool,
         op: impl FnOnce(&'s Client) -> Fut,
     ) -> Result<R, Error>
+    where
+        Fut: Future<Output = Result<R, Error>>,
+    {
+        self.attempt(stream, false, op).await.1
+    }
+
+    /// One attempt; says whether it should be made again.
+    async fn attempt<'s, R, Fut>(
+        &'s self,
+        stream: bool,
+        may_retry: bool,
+        op: impl FnOnce(&'s Client) -> Fut,
+    ) -> (bool, Result<R, Error>)
     where
         Fut: Future<Output = Result<R, Error>>,
     {
@@ -112,8 +155,9 @@ impl ClientWrapper {
                 .fetch_max(wire.written(), Ordering::SeqCst);
         }
         self.in_flight.fetch_sub(1, Ordering::SeqCst);
-        self.session.settle(&plan, carrier_ok);
-        result
+        let reset_failed = self.session.settle(&plan, carrier_ok);
+        let retry = may_retry && reset_failed && matches!(&result, Err(e) if is_prepared_check(e));
+        (retry, result)
     }
 
     /// Sends the batch's carrier and the user's request together, and awaits both. The
@@ -235,7 +279,8 @@ impl ClientWrapper {
         I::IntoIter: ExactSizeIterator,
     {
         let statement = self.resolve(statement).await?;
-        self.run_as(true, |c| c.query_raw(&statement, params)).await
+        self.run_once(true, |c| c.query_raw(&statement, params))
+            .await
     }
 
     /// Like [`Client::copy_out`]; streams like [`query_raw`](Self::query_raw).
@@ -347,6 +392,17 @@ impl ClientWrapper {
     }
 }
 
+/// Whether `e` is the reset's refusal to run over SQL-level prepared statements of an
+/// earlier checkout (the statement after it was skipped, so it may be sent again).
+fn is_prepared_check(e: &Error) -> bool {
+    e.as_db_error().is_some_and(|db| {
+        db.code() == &tokio_postgres::error::SqlState::INVALID_TEXT_REPRESENTATION
+            && db
+                .message()
+                .contains(super::connection::PREPARED_CHECK_MARK)
+    })
+}
+
 impl Connection for ClientWrapper {
     type AttachError = MappingError;
 
@@ -373,7 +429,7 @@ impl Connection for ClientWrapper {
     }
 
     fn check_release(&mut self) -> Result<(), DiscardReason> {
-        let stream_open = self.session.wire.answered() < self.streams_until.load(Ordering::SeqCst);
+        let stream_open = self.session.wire.ended() < self.streams_until.load(Ordering::SeqCst);
         self.session.release(
             self.client.is_closed(),
             self.in_flight.load(Ordering::SeqCst) != 0 || stream_open,

@@ -58,9 +58,14 @@ const DEALLOCATE_SQL_PREPARED: &str = "DO $ctxpool$ DECLARE s record; BEGIN \
 /// function); the next reset then deallocates them. The failing cast depends on a row, so
 /// the planner cannot fold it away.
 const CHECK_SQL_PREPARED: &str = "SELECT pg_catalog.pg_advisory_unlock_all(), \
-     (SELECT ('ctxpool: the session holds SQL prepared statements of an earlier checkout; \
-     retry, and they are deallocated first' || pg_catalog.left(name, 0))::int \
+     (SELECT ('ctxpool: the session holds SQL prepared statements of an earlier checkout' \
+     || pg_catalog.left(name, 0))::int \
      FROM pg_catalog.pg_prepared_statements WHERE from_sql LIMIT 1)";
+
+/// What the error of [`CHECK_SQL_PREPARED`] says (PostgreSQL quotes the text it could not
+/// read as an integer).
+pub(crate) const PREPARED_CHECK_MARK: &str =
+    "ctxpool: the session holds SQL prepared statements of an earlier checkout";
 
 /// The `COMMIT` that ends a reset when no context statement follows it, prepared under
 /// this text when statements are not prepared (behind a pooler).
@@ -429,8 +434,10 @@ impl Session {
         Ok(())
     }
 
-    /// Records what the server confirmed once a planned statement was answered.
-    pub(crate) fn settle(&self, plan: &Plan, carrier_ok: bool) {
+    /// Records what the server confirmed once a planned statement was answered. Returns
+    /// whether the plan carried a reset that was not confirmed.
+    pub(crate) fn settle(&self, plan: &Plan, carrier_ok: bool) -> bool {
+        let mut reset_failed = false;
         let mut st = self.state.lock();
         if let Plan::Batch(p) = plan {
             let reset_done = match p.carrier {
@@ -444,6 +451,7 @@ impl Session {
                     st.applied = None;
                 } else {
                     // Still armed; whatever failed, SQL prepared statements may be why.
+                    reset_failed = true;
                     st.reset_armed = true;
                     st.deallocate = true;
                     st.applied = None;
@@ -466,6 +474,7 @@ impl Session {
         if self.wire.status() == TxStatus::Idle {
             st.in_transaction = None;
         }
+        reset_failed
     }
 
     /// Release: decides whether the connection may go back to the pool. `in_flight`: an

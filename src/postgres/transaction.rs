@@ -47,11 +47,22 @@ impl<'a> Transaction<'a> {
 
     /// Runs one statement under the session's plan (inside the open transaction: as it
     /// is, unless the handle's context changed).
-    async fn run<'s, R, Fut>(&'s self, op: impl FnOnce(&'s Client) -> Fut) -> Result<R, Error>
+    async fn run<'s, R, Fut>(&'s self, op: impl FnMut(&'s Client) -> Fut) -> Result<R, Error>
     where
         Fut: Future<Output = Result<R, Error>>,
     {
         self.wrapper.run(op).await
+    }
+
+    /// [`run`](Self::run) for an operation that cannot be sent twice.
+    async fn run_single<'s, R, Fut>(
+        &'s self,
+        op: impl FnOnce(&'s Client) -> Fut,
+    ) -> Result<R, Error>
+    where
+        Fut: Future<Output = Result<R, Error>>,
+    {
+        self.wrapper.run_once(false, op).await
     }
 
     async fn resolve<T: ?Sized + ToStatement>(&self, statement: &T) -> Result<Statement, Error> {
@@ -93,7 +104,9 @@ impl<'a> Transaction<'a> {
         I::IntoIter: ExactSizeIterator,
     {
         let s = self.resolve(statement).await?;
-        self.wrapper.run_as(true, |c| c.query_raw(&s, params)).await
+        self.wrapper
+            .run_once(true, |c| c.query_raw(&s, params))
+            .await
     }
 
     /// Like [`tokio_postgres::Transaction::copy_in`].

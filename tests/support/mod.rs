@@ -87,3 +87,14 @@ pub const LIST: &str = "SELECT name FROM hr.employees ORDER BY id";
 pub fn addr(cluster: &PgCluster) -> std::net::SocketAddr {
     std::net::SocketAddr::from(([127, 0, 0, 1], cluster.port()))
 }
+
+/// A direct tokio-postgres connection to `url` (no pool), its connection task spawned.
+pub async fn connect_raw(url: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(url, NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("connecting to {url} directly: {e}"));
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    client
+}

@@ -72,10 +72,20 @@ impl Header {
             (0, &self.bytes[0..4])
         };
         let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
+        // Tag 0 stands for "untyped" in `Head` (and no message has it): a typed frame
+        // with it would lose its tag when copied through.
+        if typed && tag == 0 {
+            return Err(protocol("a frame with tag 0"));
+        }
         if !(4..=MAX_FRAME).contains(&len) {
             return Err(protocol("a frame length out of range"));
         }
         Ok((take, Some(Head { tag, body: len - 4 })))
+    }
+
+    /// Whether no byte of a header is held (the input is at a frame boundary).
+    pub(crate) fn is_empty(&self) -> bool {
+        self.have == 0
     }
 
     /// The bytes of the header as read (to copy it through).

@@ -24,7 +24,7 @@ pub(crate) enum Expect {
     Startup,
     /// A request of tokio-postgres answered by a real ReadyForQuery. `query` for a simple
     /// Query (which the server skips entirely while it skips to a Sync).
-    Theirs { query: bool },
+    Theirs { query: bool, errored: bool },
     /// One statement of ours inside a batch: replies swallowed up to its completion.
     Ours { batch: Arc<Batch>, part: Part },
     /// The anchor request of a batch: replies passed up to its completion; a
@@ -110,7 +110,9 @@ impl Reader {
         shared: &Shared,
     ) -> io::Result<()> {
         while !input.is_empty() {
-            if self.ssl_answer && self.current.is_none() {
+            // Only at a frame boundary: a byte taken out of a partial header would
+            // reach tokio-postgres ahead of the header's first bytes.
+            if self.ssl_answer && self.current.is_none() && self.header.is_empty() {
                 // 'S' or 'N': the TLS wrapper takes over after 'S'; 'N' continues plain.
                 out.put_u8(input[0]);
                 input = &input[1..];
@@ -293,7 +295,17 @@ impl Reader {
                 self.end_anchor(out, shared)?;
                 self.skipping = Some(None);
             }
-            Some(Expect::Theirs { .. } | Expect::Startup) => pass(head, &body, out),
+            Some(Expect::Theirs { .. }) => {
+                // Its ReadyForQuery follows; a stream that ended in this error is over.
+                if let Some(Expect::Theirs { errored, .. }) = self.expects.front_mut() {
+                    if !*errored {
+                        *errored = true;
+                        shared.errored_open.fetch_add(1, Ordering::AcqRel);
+                    }
+                }
+                pass(head, &body, out);
+            }
+            Some(Expect::Startup) => pass(head, &body, out),
             Some(Expect::AnchorReady) | None => {
                 return Err(protocol("an error nobody asked for"));
             }
@@ -336,12 +348,20 @@ impl Reader {
                         done.fetch_add(1, Ordering::AcqRel);
                         break;
                     }
-                    Expect::Theirs { query: true } => {
+                    Expect::Theirs {
+                        query: true,
+                        errored,
+                    } => {
+                        close_errored(errored, shared);
                         give_error(&mut stored, out);
                         frame::ready(out, status.to_byte());
                         done.fetch_add(1, Ordering::AcqRel);
                     }
-                    Expect::Theirs { query: false } => {
+                    Expect::Theirs {
+                        query: false,
+                        errored,
+                    } => {
+                        close_errored(errored, shared);
                         give_error(&mut stored, out);
                         pass(head, body, out);
                         done.fetch_add(1, Ordering::AcqRel);
@@ -356,7 +376,12 @@ impl Reader {
             }
         } else {
             match self.expects.pop_front() {
-                Some(Expect::Theirs { .. } | Expect::AnchorReady) => {
+                Some(Expect::Theirs { errored, .. }) => {
+                    close_errored(errored, shared);
+                    pass(head, body, out);
+                    done.fetch_add(1, Ordering::AcqRel);
+                }
+                Some(Expect::AnchorReady) => {
                     pass(head, body, out);
                     done.fetch_add(1, Ordering::AcqRel);
                 }
@@ -369,6 +394,13 @@ impl Reader {
         }
         shared.answered.notify_waiters();
         Ok(())
+    }
+}
+
+/// A request that had an error is answered: it no longer counts as ended early.
+fn close_errored(errored: bool, shared: &Shared) {
+    if errored {
+        shared.errored_open.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

@@ -90,6 +90,8 @@ impl<S: AsyncWrite + Unpin> WireStream<S> {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
             self.to_server.advance(n);
+            // The writer holds an offset into `to_server`; it must follow the advance.
+            self.writer.drained(n);
         }
     }
 

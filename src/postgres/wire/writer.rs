@@ -79,6 +79,15 @@ impl Writer {
         self.probe.as_ref().map_or(out.len(), |p| p.start)
     }
 
+    /// `n` bytes were taken from the front of the output buffer (written to the server).
+    /// A frame still being recognised keeps its place: its start moves with the buffer.
+    /// `n` never exceeds [`flushable`](Self::flushable), so the start stays in bounds.
+    pub(crate) fn drained(&mut self, n: usize) {
+        if let Some(probe) = self.probe.as_mut() {
+            probe.start -= n;
+        }
+    }
+
     /// Consumes all of `input`, appending what the server must see to `out`.
     pub(crate) fn process(
         &mut self,
@@ -219,6 +228,7 @@ impl Writer {
     fn theirs(&mut self, tag: u8, reader: &mut Reader, shared: &Shared) {
         reader.expects.push_back(Expect::Theirs {
             query: tag == front::QUERY,
+            errored: false,
         });
         shared.theirs_sent.fetch_add(1, Ordering::AcqRel);
     }
