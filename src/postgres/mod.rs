@@ -136,7 +136,7 @@ macro_rules! statement_methods {
             I::IntoIter: ExactSizeIterator,
         {
             let statement = self.resolve(statement).await?;
-            self.run(|c| c.execute_raw(&statement, params)).await
+            self.run_single(|c| c.execute_raw(&statement, params)).await
         }
 
         /// Like `tokio_postgres::Client::query_typed`: one unnamed statement, no prepare
@@ -167,6 +167,9 @@ mod config;
 mod connect;
 mod connection;
 mod error;
+#[cfg(fuzzing)]
+#[doc(hidden)]
+pub mod fuzzing;
 mod generic_client;
 pub mod mapping;
 mod statement_cache;

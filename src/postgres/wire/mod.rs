@@ -24,10 +24,10 @@
 //! never parsed, except the few short control messages listed above.
 
 mod frame;
-mod reader;
+pub(crate) mod reader;
 mod stream;
 mod tls;
-mod writer;
+pub(crate) mod writer;
 
 #[cfg(test)]
 mod tests;
@@ -202,10 +202,12 @@ pub(crate) struct OwnQuery {
 
 /// What the session and the stream share.
 #[derive(Debug)]
-struct Shared {
+pub(crate) struct Shared {
     status: AtomicU8,
     theirs_sent: AtomicU64,
     theirs_done: AtomicU64,
+    /// Requests of tokio-postgres that had an error and await their ReadyForQuery.
+    errored_open: AtomicU64,
     ours_sent: AtomicU64,
     ours_done: AtomicU64,
     backend_pid: AtomicI64,
@@ -234,7 +236,7 @@ struct Shared {
 
 /// The session's handle on its connection's wire layer. Cheap to clone.
 #[derive(Debug, Clone)]
-pub(crate) struct WireHandle(Arc<Shared>);
+pub(crate) struct WireHandle(pub(crate) Arc<Shared>);
 
 impl WireHandle {
     pub(crate) fn new() -> Self {
@@ -242,6 +244,7 @@ impl WireHandle {
             status: AtomicU8::new(b'I'),
             theirs_sent: AtomicU64::new(0),
             theirs_done: AtomicU64::new(0),
+            errored_open: AtomicU64::new(0),
             ours_sent: AtomicU64::new(0),
             ours_done: AtomicU64::new(0),
             backend_pid: AtomicI64::new(-1),
@@ -294,9 +297,11 @@ impl WireHandle {
         self.0.theirs_sent.load(Ordering::Acquire)
     }
 
-    /// How many requests of tokio-postgres were answered so far.
-    pub(crate) fn answered(&self) -> u64 {
-        self.0.theirs_done.load(Ordering::Acquire)
+    /// How many requests of tokio-postgres have ended so far: answered, or past an error
+    /// whose ReadyForQuery is still to come (the server sends an error at once, so a
+    /// stream can end before its ReadyForQuery is read).
+    pub(crate) fn ended(&self) -> u64 {
+        self.0.theirs_done.load(Ordering::Acquire) + self.0.errored_open.load(Ordering::Acquire)
     }
 
     /// Whether every request written so far was answered (or the connection ended).
