@@ -470,6 +470,7 @@ fn tx_status(b: u8) -> TxStatus {
     }
 }
 
+/// `default` cases (the project's property tests run 10,000), or `PROPTEST_CASES`.
 fn config(default: u32) -> ProptestConfig {
     let cases = std::env::var("PROPTEST_CASES")
         .ok()
@@ -795,7 +796,7 @@ fn observed(handle: &WireHandle) -> Implied {
 }
 
 proptest! {
-    #![proptest_config(config(512))]
+    #![proptest_config(config(10_000))]
 
     /// With no batch armed, both directions come out byte for byte as they went in, for
     /// every chunking and interleaving, and the handle ends in the state the script
@@ -1416,7 +1417,7 @@ fn frames_tail(bytes: &[u8]) -> Vec<u8> {
 }
 
 proptest! {
-    #![proptest_config(config(1024))]
+    #![proptest_config(config(10_000))]
 
     /// Every batch a session can arm, every failure point, every chunking: the server
     /// gets the batch's statements around the anchor and the Sync as the word said;
@@ -1428,7 +1429,8 @@ proptest! {
     }
 }
 
-/// A named anchor, merged with an extended follower, under every chunking of one case.
+/// A named anchor, two statements before it and one after, merged unless `word` says
+/// otherwise; `fail` and `follower` as given.
 fn basic(fail: Fail, follower: Follower, word: Word) -> BatchCase {
     let stmt = |sql| Ours {
         sql,
@@ -1879,17 +1881,75 @@ async fn stream_anchor_cut_across_writes_behind_buffered_bytes() {
             .await
             .expect("the server got everything")
             .unwrap();
-        let want = cat(&[
-            fe::startup(),
-            plain,
-            fe::ours("RESET ALL"),
-            anchor,
-            fe::sync(),
-        ]);
+        // What the server read after the start-up.
+        let want = cat(&[plain, fe::ours("RESET ALL"), anchor, fe::sync()]);
         assert!(
             got == want,
             "cut at {cut}: the server got\n{got:?}\nnot\n{want:?}"
         );
         assert!(batch.matched.load(Ordering::Acquire));
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Input no server or client sends: refused, or passed through unchanged.
+// ---------------------------------------------------------------------------------------
+
+/// Feeds `front` then `back` (each byte by byte, then whole) and checks that what the
+/// layer accepts comes out unchanged.
+fn accepted_is_unchanged(front: &[u8], back: &[u8]) {
+    for bytewise in [true, false] {
+        let handle = WireHandle::new();
+        let shared = &*handle.0;
+        let mut writer = Writer::new();
+        let mut reader = Reader::new();
+        let mut to_server = BytesMut::new();
+        let mut to_client = BytesMut::new();
+        let step = if bytewise { 1 } else { usize::MAX };
+        let front_ok = front
+            .chunks(step.min(front.len().max(1)))
+            .try_for_each(|c| writer.process(c, &mut to_server, &mut reader, shared))
+            .is_ok();
+        let back_ok = back
+            .chunks(step.min(back.len().max(1)))
+            .try_for_each(|c| reader.process(c, &mut to_client, shared))
+            .is_ok();
+        if front_ok {
+            assert_eq!(to_server.to_vec(), front, "frontend changed");
+        }
+        if back_ok {
+            assert_eq!(to_client.to_vec(), back, "backend changed");
+        }
+    }
+}
+
+/// No message of the protocol has tag 0, which the frame reader uses for "untyped".
+#[test]
+fn a_frame_with_tag_zero_is_refused_or_kept() {
+    let zero = [0u8, 0, 0, 0, 4];
+    accepted_is_unchanged(&cat(&[fe::startup(), zero.to_vec()]), &zero);
+    let started = cat(&[be::auth(0), be::ready(b'I')]);
+    accepted_is_unchanged(&fe::startup(), &cat(&[started, zero.to_vec()]));
+}
+
+/// The server sent part of a frame before the client's SSLRequest reached the layer:
+/// the byte answering the request must not jump ahead of that frame.
+#[test]
+fn an_ssl_answer_behind_a_partial_header_keeps_its_place() {
+    let handle = WireHandle::new();
+    let shared = &*handle.0;
+    let mut writer = Writer::new();
+    let mut reader = Reader::new();
+    let mut to_server = BytesMut::new();
+    let mut to_client = BytesMut::new();
+    let notice = be::notice("unasked");
+    let (head, tail) = notice.split_at(2);
+    reader.process(head, &mut to_client, shared).unwrap();
+    writer
+        .process(&fe::ssl_request(), &mut to_server, &mut reader, shared)
+        .unwrap();
+    let rest = cat(&[tail.to_vec(), b"N".to_vec()]);
+    if reader.process(&rest, &mut to_client, shared).is_ok() {
+        assert_eq!(to_client.to_vec(), cat(&[notice, b"N".to_vec()]));
     }
 }
