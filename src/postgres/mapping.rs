@@ -29,13 +29,15 @@ use crate::context::SecurityContext;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ContextScope {
-    /// Every transaction the handle runs carries the context inside itself, in the same
-    /// flight; nothing survives the transaction. Safe behind PgBouncer in transaction mode.
+    /// Every transaction the handle runs carries the context inside itself: the context
+    /// statement goes under the same Sync as the statement, and nothing survives the
+    /// transaction. Safe behind PgBouncer in transaction mode.
     #[default]
     Transaction,
-    /// Applied once per checkout on the first statement and kept in the session; reset on
-    /// the next checkout's first statement unless the same context comes back. Fewer
-    /// statements per query, but session state: never behind PgBouncer in transaction mode.
+    /// Applied session-wide with the checkout's first statement (followed by a `COMMIT`
+    /// of the pool's, so that it counts only once the server confirmed it) and kept for
+    /// the checkout; the next checkout's first statement resets it. Fewer statements per
+    /// query, but session state: refused behind a pooler, detected at connect.
     Session,
 }
 
@@ -67,11 +69,11 @@ pub struct ContextConfig {
     /// The roles a session may run as and the data roles a context may carry. Anything
     /// else is refused before any SQL is sent.
     pub allowed_roles: BTreeSet<String>,
-    /// Send the context as a named statement prepared once per connection (default), or
-    /// unnamed, parsed and planned every time. Unnamed costs ~100 µs of server time per
-    /// statement, and is what PgBouncer in transaction mode needs before version 1.21 (or
-    /// with `max_prepared_statements = 0`): its server connections do not share prepared
-    /// statements.
+    /// Send the pool's statements (the context statement, the reset) prepared once per
+    /// connection (default), or unnamed, parsed and planned every time, which costs
+    /// server time on every statement. Behind a pooler (PgBouncer, whose server
+    /// connections do not share prepared statements) the pool detects it at connect and
+    /// sends them unnamed whatever this says.
     #[serde(default = "yes")]
     pub prepared_statements: bool,
 }
