@@ -156,6 +156,13 @@ impl ClientWrapper {
         }
         self.in_flight.fetch_sub(1, Ordering::SeqCst);
         let reset_failed = self.session.settle(&plan, carrier_ok);
+        if self.session.left_aborted(&plan, carrier_ok) {
+            // A statement of the pool's failed inside the reset's transaction block: the
+            // server skipped the user's request, and the block is the pool's to end.
+            wire.send_query("ROLLBACK");
+            wire.settled().await;
+            self.session.settle(&Plan::Direct, true);
+        }
         let retry = may_retry && reset_failed && matches!(&result, Err(e) if is_prepared_check(e));
         (retry, result)
     }

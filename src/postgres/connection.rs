@@ -7,11 +7,13 @@
 //! the protocol-level prepared statements the pool owns: session authorization and role,
 //! every setting (custom ones too), cursors, listeners, advisory locks, temporary objects,
 //! sequence state, SQL-level prepared statements. It travels in the next checkout's first
-//! flight, under the same Sync as that statement, and ends with a `COMMIT` of its own, so
-//! it is durable before the context and the statement run, whatever becomes of them. It
-//! counts as done when the server answered that `COMMIT`; until then it stays armed and
-//! goes again. If any of it fails, the server skips the rest of the batch: the statement
-//! never runs and its caller gets the reset's error.
+//! flight, under the same Sync as that statement: a check (which also resets the
+//! authorization and the role and releases advisory locks), then the rest inside a
+//! transaction block of the pool's, committed before the context and the statement run,
+//! so it is durable whatever becomes of them. It counts as done when the server answered
+//! that `COMMIT`; until then it stays armed and goes again. If any of it fails, the server
+//! skips the rest of the batch: the statement never runs and its caller gets the reset's
+//! error.
 //!
 //! # The context
 //! In transaction scope, a statement under a context runs in the same implicit
@@ -21,8 +23,8 @@
 //! multi-statement string) turns that transaction into the user's own, still under the
 //! context; statements inside it need no context statement of their own. The status byte
 //! of ReadyForQuery says when it ended. In session scope the context statement
-//! (`set_config(…, false)`) is followed by a `COMMIT` of the pool's, and the context counts
-//! as applied only once the server answered it.
+//! (`set_config(…, false)`) joins the reset's transaction block, and the context counts as
+//! applied only once the server answered the block's `COMMIT`.
 
 use std::sync::Arc;
 
@@ -35,11 +37,13 @@ use super::mapping::{self, ContextConfig, ContextScope, MAX_FLAT, Mapped, SYNC_A
 use super::wire::{Anchor, Batch, Statements, TxStatus, WireHandle};
 use crate::backend::DiscardReason;
 
-/// The reset, in order. Every name is qualified: the previous user's `search_path` is
-/// still in force while it runs.
+/// The reset's statements after its opening check, in order, inside a transaction block
+/// of the pool's (`BEGIN` … `COMMIT`): the block makes them durable whatever becomes of the
+/// statement that follows (a procedure of the user's may commit or roll back), and, unlike
+/// a bare `COMMIT` in the implicit transaction, it draws no warning into the server log.
+/// Every name is qualified: the previous user's `search_path` is still in force while
+/// they run.
 const RESET: &[&str] = &[
-    // Resets the role too.
-    "SET SESSION AUTHORIZATION DEFAULT",
     "RESET ALL",
     "CLOSE ALL",
     "UNLISTEN *",
@@ -53,11 +57,18 @@ const DEALLOCATE_SQL_PREPARED: &str = "DO $ctxpool$ DECLARE s record; BEGIN \
      FOR s IN SELECT name FROM pg_catalog.pg_prepared_statements WHERE from_sql LOOP \
      EXECUTE pg_catalog.format('DEALLOCATE %I', s.name); END LOOP; END $ctxpool$";
 
-/// Releases session-level advisory locks, and fails (stopping the batch) when SQL-level
-/// prepared statements remain, for those made where no command tag shows it (inside a
-/// function); the next reset then deallocates them. The failing cast depends on a row, so
-/// the planner cannot fold it away.
-const CHECK_SQL_PREPARED: &str = "SELECT pg_catalog.pg_advisory_unlock_all(), \
+/// The reset's first statement, before its `BEGIN`: returns session authorization and
+/// role to the login's (a `NULL` value to `set_config` resets the setting, as `RESET`
+/// does), releases session-level advisory locks, and fails when SQL-level prepared
+/// statements remain, for those made where no command tag shows it (inside a function);
+/// the next reset then deallocates them. It comes before the `BEGIN` so that its refusal
+/// ends in the implicit transaction, rolled back at the Sync, rather than in an aborted
+/// transaction block. The failing cast depends on a row, so the planner cannot fold it
+/// away.
+const CHECK_SQL_PREPARED: &str = "SELECT \
+     pg_catalog.set_config('session_authorization', NULL, false), \
+     pg_catalog.set_config('role', NULL, false), \
+     pg_catalog.pg_advisory_unlock_all(), \
      (SELECT ('ctxpool: the session holds SQL prepared statements of an earlier checkout' \
      || pg_catalog.left(name, 0))::int \
      FROM pg_catalog.pg_prepared_statements WHERE from_sql LIMIT 1)";
@@ -83,6 +94,8 @@ pub(crate) struct PoolStatements {
     flat: Vec<Named>,
     /// The context statement for any attribute count.
     any: Named,
+    /// `BEGIN`.
+    begin: Named,
     /// `COMMIT`.
     commit: Named,
     /// [`RESET`], [`CHECK_SQL_PREPARED`] and [`DEALLOCATE_SQL_PREPARED`], in this order.
@@ -101,6 +114,7 @@ impl PoolStatements {
             .collect();
         let mut texts = sqls.clone();
         texts.push(SYNC_ANY_SQL.to_owned());
+        texts.push("BEGIN".to_owned());
         texts.push("COMMIT".to_owned());
         texts.extend(reset_sqls.iter().map(|s| (*s).to_owned()));
         wire.learn_names(texts);
@@ -111,13 +125,15 @@ impl PoolStatements {
                 .map(|(sql, t)| client.prepare_typed(sql, t)),
         );
         let any = client.prepare_typed(SYNC_ANY_SQL, &mapping::SYNC_ANY_TYPES);
+        let begin = client.prepare("BEGIN");
         let commit = client.prepare("COMMIT");
         let reset =
             futures_util::future::try_join_all(reset_sqls.iter().map(|sql| client.prepare(sql)));
-        let ((flat, any), (commit, reset)) = join(join(flat, any), join(commit, reset)).await;
+        let ((flat, any), (begin, (commit, reset))) =
+            join(join(flat, any), join(begin, join(commit, reset))).await;
         let names = wire.learned_names();
-        let (flat, any, commit, reset) = (flat?, any?, commit?, reset?);
-        let mut statements = flat.into_iter().chain([any, commit]).chain(reset);
+        let (flat, any, begin, commit, reset) = (flat?, any?, begin?, commit?, reset?);
+        let mut statements = flat.into_iter().chain([any, begin, commit]).chain(reset);
         let mut named = names.into_iter().map(|name| {
             let statement = statements.next()?;
             Some(Named {
@@ -132,7 +148,9 @@ impl PoolStatements {
                 None => return Ok(None),
             }
         }
-        let (Some(Some(any)), Some(Some(commit))) = (named.next(), named.next()) else {
+        let (Some(Some(any)), Some(Some(begin)), Some(Some(commit))) =
+            (named.next(), named.next(), named.next())
+        else {
             return Ok(None);
         };
         let reset: Option<Vec<Named>> = named.collect();
@@ -142,6 +160,7 @@ impl PoolStatements {
         Ok(Some(Self {
             flat,
             any,
+            begin,
             commit,
             reset,
         }))
@@ -199,6 +218,46 @@ pub(crate) enum Purpose<'a> {
     /// Opening a transaction with this `BEGIN` or `START TRANSACTION …`.
     Begin(&'a str),
 }
+
+/// One statement of the pool's in a batch.
+#[derive(Clone, Copy)]
+enum Step<'a> {
+    /// Prepared at connect under this name.
+    Prepared(&'a str),
+    /// Sent as text, parsed unnamed.
+    Text(&'a str),
+}
+
+type Steps<'a> = Vec<Step<'a>>;
+
+/// The frames of these steps.
+fn statements(steps: &[Step<'_>]) -> Statements {
+    let mut out = Statements::default();
+    for step in steps {
+        match step {
+            Step::Prepared(name) => out.push_prepared(name),
+            Step::Text(sql) => out.push(sql),
+        }
+    }
+    out
+}
+
+/// Test builds: a failing statement at the position the sabotage switch names, counted
+/// over the statements before the anchor and then those after it.
+#[cfg(feature = "testing")]
+fn inject_error(before: &mut Steps<'_>, after: &mut Steps<'_>) {
+    let Some(at) = crate::testing::sabotage::injected_error_position() else {
+        return;
+    };
+    let failing = Step::Text(crate::testing::sabotage::INJECTED_ERROR_SQL);
+    if at <= before.len() {
+        before.insert(at, failing);
+    } else if at - before.len() - 1 <= after.len() {
+        after.insert(at - before.len() - 1, failing);
+    }
+}
+#[cfg(not(feature = "testing"))]
+fn inject_error(_: &mut Steps<'_>, _: &mut Steps<'_>) {}
 
 /// One connection's session.
 pub(crate) struct Session {
@@ -305,19 +364,23 @@ impl Session {
         // In session scope a context switch resets first: nothing of the previous
         // context may survive into the next.
         let resets = (st.reset_armed || (session && !holds_desired)) && !sabotaged_reset();
-        let mut before = Statements::default();
+        let mut before = Steps::new();
         if resets {
             self.push_reset(&mut before, st.deallocate);
         }
-        let mut after = Statements::default();
+        let mut after = Steps::new();
         let (carrier, applies) = match desired {
             Some(d) if !session || !holds_desired || resets => {
-                if resets {
-                    self.push_commit(&mut before);
-                }
                 let local = !session;
                 if session {
+                    // The session-wide context joins the reset's transaction block (or
+                    // opens one), committed after it.
+                    if !resets {
+                        self.push_begin(&mut before);
+                    }
                     self.push_commit(&mut after);
+                } else if resets {
+                    self.push_commit(&mut before);
                 }
                 let carrier = Carrier::Context {
                     mapped: d.clone(),
@@ -335,13 +398,19 @@ impl Session {
             None => true,
             Some(sql) => {
                 match &carrier {
-                    Carrier::Context { local: true, .. } => before.push(sql),
-                    _ => after.push(sql),
+                    Carrier::Context { local: true, .. } => before.push(Step::Text(sql)),
+                    _ => after.push(Step::Text(sql)),
                 }
                 false
             }
         };
-        let batch = Batch::new(self.anchor(&carrier), before, after, merge);
+        inject_error(&mut before, &mut after);
+        let batch = Batch::new(
+            self.anchor(&carrier),
+            statements(&before),
+            statements(&after),
+            merge,
+        );
         Plan::Batch(BatchPlan {
             batch: Arc::new(batch),
             carrier,
@@ -350,40 +419,46 @@ impl Session {
         })
     }
 
-    /// The reset's statements, prepared ones where the connection has them.
-    fn push_reset(&self, into: &mut Statements, deallocate: bool) {
+    /// The reset's statements up to its `COMMIT` (which the caller places), prepared ones
+    /// where the connection has them.
+    fn push_reset<'s>(&'s self, into: &mut Steps<'s>, deallocate: bool) {
         match &self.statements {
             Some(s) => {
                 let (reset, rest) = s.reset.split_at(RESET.len());
                 if deallocate {
                     if let Some(d) = rest.get(1) {
-                        into.push_prepared(&d.name);
+                        into.push(Step::Prepared(&d.name));
                     }
                 }
-                for r in reset {
-                    into.push_prepared(&r.name);
-                }
                 if let Some(check) = rest.first() {
-                    into.push_prepared(&check.name);
+                    into.push(Step::Prepared(&check.name));
                 }
+                into.push(Step::Prepared(&s.begin.name));
+                into.extend(reset.iter().map(|r| Step::Prepared(&r.name)));
             }
             None => {
                 if deallocate {
-                    into.push(DEALLOCATE_SQL_PREPARED);
+                    into.push(Step::Text(DEALLOCATE_SQL_PREPARED));
                 }
-                for sql in RESET {
-                    into.push(sql);
-                }
-                into.push(CHECK_SQL_PREPARED);
+                into.push(Step::Text(CHECK_SQL_PREPARED));
+                into.push(Step::Text("BEGIN"));
+                into.extend(RESET.iter().map(|sql| Step::Text(sql)));
             }
         }
     }
 
-    fn push_commit(&self, into: &mut Statements) {
-        match &self.statements {
-            Some(s) => into.push_prepared(&s.commit.name),
-            None => into.push("COMMIT"),
-        }
+    fn push_begin<'s>(&'s self, into: &mut Steps<'s>) {
+        into.push(match &self.statements {
+            Some(s) => Step::Prepared(&s.begin.name),
+            None => Step::Text("BEGIN"),
+        });
+    }
+
+    fn push_commit<'s>(&'s self, into: &mut Steps<'s>) {
+        into.push(match &self.statements {
+            Some(s) => Step::Prepared(&s.commit.name),
+            None => Step::Text("COMMIT"),
+        });
     }
 
     fn anchor(&self, carrier: &Carrier) -> Anchor {
@@ -440,9 +515,14 @@ impl Session {
         let mut reset_failed = false;
         let mut st = self.state.lock();
         if let Plan::Batch(p) = plan {
+            // Where the reset's COMMIT went: before a transaction-local context, as the
+            // carrier, or after a session-wide context (in the same transaction block).
             let reset_done = match p.carrier {
                 Carrier::Commit => p.batch.before_confirmed() && carrier_ok,
-                Carrier::Context { .. } => p.batch.before_confirmed(),
+                Carrier::Context { local: true, .. } => p.batch.before_confirmed(),
+                Carrier::Context { local: false, .. } => {
+                    p.batch.before_confirmed() && carrier_ok && p.batch.after_confirmed()
+                }
             };
             if p.resets {
                 if reset_done {
@@ -475,6 +555,21 @@ impl Session {
             st.in_transaction = None;
         }
         reset_failed
+    }
+
+    /// Whether a batch of this plan failed in the pool's own statements and left an
+    /// aborted transaction block: the user's statement was skipped, so the block is the
+    /// reset's (or a context statement's inside it), never one the user opened.
+    pub(crate) fn left_aborted(&self, plan: &Plan, carrier_ok: bool) -> bool {
+        let Plan::Batch(p) = plan else {
+            return false;
+        };
+        // Only the reset and a session-wide context open a block of the pool's; a context
+        // statement inside the user's transaction fails in the user's block, which stays
+        // theirs to end.
+        let opens_block = p.resets || matches!(p.carrier, Carrier::Context { local: false, .. });
+        let own_done = carrier_ok && p.batch.before_confirmed() && p.batch.after_confirmed();
+        opens_block && !own_done && self.wire.status() == TxStatus::Failed
     }
 
     /// Release: decides whether the connection may go back to the pool. `in_flight`: an

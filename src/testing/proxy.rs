@@ -63,6 +63,8 @@ pub struct FlightProxy {
 struct Shared {
     upstream: SocketAddr,
     flights: AtomicU64,
+    /// Client-to-server protocol messages seen, by type byte.
+    messages: [AtomicU64; 256],
     connections: AtomicUsize,
     /// One-way delay in nanoseconds (saturated), read when a chunk arrives.
     delay_nanos: AtomicU64,
@@ -109,6 +111,7 @@ impl FlightProxy {
         let shared = Arc::new(Shared {
             upstream,
             flights: AtomicU64::new(0),
+            messages: std::array::from_fn(|_| AtomicU64::new(0)),
             connections: AtomicUsize::new(0),
             delay_nanos: AtomicU64::new(nanos(one_way_delay)),
             stop: AtomicBool::new(false),
@@ -152,9 +155,29 @@ impl FlightProxy {
         self.shared.flights.load(Ordering::SeqCst)
     }
 
-    /// Resets the flight counter to zero (per-connection flags are kept).
+    /// Resets the flight counter and the message counts to zero (per-connection flags are
+    /// kept).
     pub fn reset_flights(&self) {
         self.shared.flights.store(0, Ordering::SeqCst);
+        for count in &self.shared.messages {
+            count.store(0, Ordering::SeqCst);
+        }
+    }
+
+    /// Client-to-server PostgreSQL protocol messages of this type byte seen so far, over
+    /// all connections: `b'S'` counts Syncs, `b'Q'` simple queries, `b'E'` Executes. Startup
+    /// packets (which carry no type byte) are not counted. Messages are counted as their
+    /// whole header arrives, before they are forwarded.
+    ///
+    /// Counts are meaningful for PostgreSQL traffic in plaintext only; reset them with
+    /// [`reset_flights`](Self::reset_flights).
+    pub fn messages(&self, type_byte: u8) -> u64 {
+        self.shared.messages[usize::from(type_byte)].load(Ordering::SeqCst)
+    }
+
+    /// Syncs sent by clients so far: `messages(b'S')`.
+    pub fn syncs(&self) -> u64 {
+        self.messages(b'S')
     }
 
     /// Proxied connections currently open (connected to the upstream and not yet closed
@@ -354,6 +377,7 @@ fn read_side(dir: Direction, conn: &Conn, shared: &Shared, tx: &Sender<Chunk>) {
         Direction::ServerToClient => &conn.upstream,
     };
     let mut buf = vec![0u8; CHUNK];
+    let mut frames = FrontendFrames::default();
     loop {
         let n = match source.read(&mut buf) {
             Ok(0) => return,
@@ -372,6 +396,9 @@ fn read_side(dir: Direction, conn: &Conn, shared: &Shared, tx: &Sender<Chunk>) {
         {
             shared.flights.fetch_add(1, Ordering::SeqCst);
         }
+        if dir == Direction::ClientToServer {
+            frames.feed(&buf[..n], &shared.messages);
+        }
         let chunk = Chunk {
             due: read_at.checked_add(shared.delay()),
             bytes: buf[..n].to_vec(),
@@ -379,6 +406,65 @@ fn read_side(dir: Direction, conn: &Conn, shared: &Shared, tx: &Sender<Chunk>) {
         if tx.send(chunk).is_err() {
             // The writer is gone, so it failed and already aborted the connection.
             return;
+        }
+    }
+}
+
+/// Follows the frames of the client-to-server stream across chunk boundaries, to count
+/// messages by type. The stream opens with untagged packets (a length, then a code): an
+/// SSL or GSS encryption request, after which the client sends another, then the startup
+/// packet; every later message is a type byte and a length.
+#[derive(Default)]
+struct FrontendFrames {
+    /// The startup packet has been seen.
+    started: bool,
+    /// Header bytes collected so far (4 for an untagged packet, 5 for a message).
+    header: [u8; 8],
+    have: usize,
+    /// Body bytes still to skip of the current frame.
+    skip: usize,
+}
+
+impl FrontendFrames {
+    /// Codes of the untagged requests that precede the startup packet.
+    const SSL_REQUEST: u32 = 80_877_103;
+    const GSSENC_REQUEST: u32 = 80_877_104;
+
+    fn feed(&mut self, mut bytes: &[u8], counts: &[AtomicU64; 256]) {
+        while !bytes.is_empty() {
+            if self.skip > 0 {
+                let n = self.skip.min(bytes.len());
+                self.skip -= n;
+                bytes = &bytes[n..];
+                continue;
+            }
+            // An untagged packet is read up to its code (8 bytes); a message up to its
+            // length (5 bytes).
+            let want = if self.started { 5 } else { 8 };
+            let n = (want - self.have).min(bytes.len());
+            self.header[self.have..self.have + n].copy_from_slice(&bytes[..n]);
+            self.have += n;
+            bytes = &bytes[n..];
+            if self.have < want {
+                continue;
+            }
+            self.have = 0;
+            let word = |at: usize| {
+                u32::from_be_bytes([
+                    self.header[at],
+                    self.header[at + 1],
+                    self.header[at + 2],
+                    self.header[at + 3],
+                ])
+            };
+            if self.started {
+                counts[usize::from(self.header[0])].fetch_add(1, Ordering::SeqCst);
+                self.skip = (word(1) as usize).saturating_sub(4);
+            } else {
+                let code = word(4);
+                self.started = code != Self::SSL_REQUEST && code != Self::GSSENC_REQUEST;
+                self.skip = (word(0) as usize).saturating_sub(8);
+            }
         }
     }
 }
@@ -424,5 +510,52 @@ fn wait_until(due: Option<Instant>, conn: &Conn) -> bool {
         // thread::sleep is precise to tens of microseconds on Linux (hrtimers); slices
         // keep a pending delay from holding up the teardown for long.
         thread::sleep(left.min(SLEEP_SLICE));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut m = vec![tag];
+        m.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+        m.extend_from_slice(body);
+        m
+    }
+
+    #[test]
+    fn frontend_messages_are_counted_across_any_chunking() {
+        let mut stream = Vec::new();
+        // An SSL request refused, then the startup packet.
+        stream.extend_from_slice(&8u32.to_be_bytes());
+        stream.extend_from_slice(&FrontendFrames::SSL_REQUEST.to_be_bytes());
+        let startup = b"\0\x03\0\0user\0u\0\0";
+        stream.extend_from_slice(&(startup.len() as u32 + 4).to_be_bytes());
+        stream.extend_from_slice(startup);
+        for _ in 0..3 {
+            // A body holding an 'S' byte, so a lost frame boundary would miscount.
+            stream.extend(message(b'B', b"\0S\0S\0\0\0\0\0\0"));
+            stream.extend(message(b'E', b"\0\0\0\0\0"));
+            stream.extend(message(b'S', b""));
+        }
+        stream.extend(message(b'Q', b"SELECT 1\0"));
+        for chunk in [1, 2, 3, 5, 7, 64, stream.len()] {
+            let counts: [AtomicU64; 256] = std::array::from_fn(|_| AtomicU64::new(0));
+            let mut frames = FrontendFrames::default();
+            for piece in stream.chunks(chunk) {
+                frames.feed(piece, &counts);
+            }
+            let count = |t: u8| counts[usize::from(t)].load(Ordering::SeqCst);
+            assert_eq!(
+                (count(b'S'), count(b'B'), count(b'E'), count(b'Q')),
+                (3, 3, 3, 1),
+                "chunks of {chunk}"
+            );
+            assert_eq!(
+                counts.iter().map(|c| c.load(Ordering::SeqCst)).sum::<u64>(),
+                10
+            );
+        }
     }
 }
