@@ -34,8 +34,8 @@ pub enum ContextScope {
     /// transaction. Safe behind PgBouncer in transaction mode.
     #[default]
     Transaction,
-    /// Applied session-wide with the checkout's first statement (followed by a `COMMIT`
-    /// of the pool's, so that it counts only once the server confirmed it) and kept for
+    /// Applied session-wide with the checkout's first statement (inside the reset's
+    /// transaction block, so that it counts only once the server committed it) and kept for
     /// the checkout; the next checkout's first statement resets it. Fewer statements per
     /// query, but session state: refused behind a pooler, detected at connect.
     Session,
