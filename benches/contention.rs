@@ -1,134 +1,210 @@
-//! Throughput under contention: 32 tasks on a pool of 8, each task doing get (or
-//! acquire_as) + one prepared query, ctxpool plain and with a context (transaction scope)
-//! against deadpool-postgres with `RecyclingMethod::Fast`. Target: with context ≥ 0.9×
-//! deadpool-postgres plain throughput.
+//! Throughput under contention: 32 tasks sharing a pool of 8 connections on a
+//! multi-thread runtime with 2 workers, each request one checkout and one query of alice's
+//! view of `LIST`.
 //!
-//! Needs the `peers` feature: `cargo bench --features peers --bench contention`.
+//! Subjects:
+//! - `deadpool_fast` — **the baseline**: deadpool-postgres, `RecyclingMethod::Fast`, on the
+//!   `hr_alice` login whose role defaults hold alice's context (so it pays nothing for it);
+//! - `deadpool_clean`, `bb8_postgres` (defaults; `query_typed`, as bb8-postgres has no
+//!   statement cache), `sqlx` (`PgPool` defaults): the same login;
+//! - `ctxpool_plain` (`get`, no context) and `ctxpool_transaction_scope`
+//!   (`acquire_as(&alice)`), on hr_app.
+//!
+//! # Reading it
+//! Subjects are measured interleaved (see `support/interleave.rs`): each round runs, for
+//! every subject in rotating order, a burst of 32 × 8 requests spread over the 32 tasks
+//! and takes burst time / requests as that round's time per request. Criterion's figures
+//! are per request (its "throughput" is their inverse). The table printed at the end gives
+//! each subject's requests/s (median round) and the median, p25 and p75 of its per-round
+//! throughput ratio to `deadpool_fast` (below 1 is slower).
+//!
+//! `cargo bench --features peers --bench contention`; a smoke run with
+//! `CTXPOOL_BENCH_QUICK=1` (or criterion's `-- --quick`).
 
 mod support;
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use criterion::Criterion;
 use ctxpool::postgres::ContextScope;
+use deadpool_postgres::RecyclingMethod;
+use sqlx::Row as _;
+use support::interleave::{Interleaver, Report};
 use support::*;
 
 const TASKS: u64 = 32;
 const POOL: usize = 8;
+/// Requests per task in one burst.
+const PER_TASK: u64 = 8;
+
+type Bb8Pool = bb8::Pool<bb8_postgres::PostgresConnectionManager<tokio_postgres::NoTls>>;
 
 #[derive(Clone)]
 enum Subject {
-    CtxpoolPlain(ctxpool::postgres::Pool),
-    CtxpoolContext(ctxpool::postgres::Pool, ctxpool::SecurityContext),
     Deadpool(deadpool_postgres::Pool),
+    Bb8(Bb8Pool),
+    Sqlx(sqlx::PgPool),
+    CtxpoolPlain(ctxpool::postgres::Pool),
+    CtxpoolAs(ctxpool::postgres::Pool, ctxpool::SecurityContext),
 }
 
 impl Subject {
-    async fn request(&self) {
+    /// One checkout and one query; the names read.
+    async fn request(&self) -> Vec<String> {
         match self {
-            Self::CtxpoolPlain(p) => {
-                let c = p.get().await.unwrap();
-                let s = c.prepare_cached(LIST).await.unwrap();
-                black_box(c.query(&s, &[]).await.unwrap());
-            }
-            Self::CtxpoolContext(p, ctx) => {
-                let c = p.acquire_as(ctx).await.unwrap();
-                let s = c.prepare_cached(LIST).await.unwrap();
-                black_box(c.query(&s, &[]).await.unwrap());
-            }
             Self::Deadpool(p) => {
                 let c = p.get().await.unwrap();
                 let s = c.prepare_cached(LIST).await.unwrap();
-                black_box(c.query(&s, &[]).await.unwrap());
+                names(&c.query(&s, &[]).await.unwrap())
+            }
+            Self::Bb8(p) => {
+                let c = p.get().await.unwrap();
+                names(&c.query_typed(LIST, &[]).await.unwrap())
+            }
+            Self::Sqlx(p) => sqlx::query(LIST)
+                .fetch_all(p)
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.get::<String, _>(0))
+                .collect(),
+            Self::CtxpoolPlain(p) => {
+                let c = p.get().await.unwrap();
+                let s = c.prepare_cached(LIST).await.unwrap();
+                names(&c.query(&s, &[]).await.unwrap())
+            }
+            Self::CtxpoolAs(p, who) => {
+                let c = p.acquire_as(who).await.unwrap();
+                let s = c.prepare_cached(LIST).await.unwrap();
+                names(&c.query(&s, &[]).await.unwrap())
             }
         }
+    }
+
+    /// `n` requests spread over [`TASKS`] tasks; the time until the last one finished.
+    async fn burst(&self, n: u64) -> Duration {
+        let per_task = n.div_ceil(TASKS);
+        let start = Instant::now();
+        let tasks: Vec<_> = (0..TASKS)
+            .map(|_| {
+                let s = self.clone();
+                tokio::spawn(async move {
+                    for _ in 0..per_task {
+                        black_box(s.request().await);
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        start.elapsed()
     }
 }
 
 fn main() {
-    let mut c = Criterion::default()
-        .output_directory(&criterion_dir())
-        .configure_from_args();
+    let mut c = criterion();
     let cluster = cluster();
-    let url = cluster.url("hr_app", "hr");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
-    let deadpool = {
-        let mut cfg = deadpool_postgres::Config::new();
-        cfg.url = Some(url.clone());
-        cfg.manager = Some(deadpool_postgres::ManagerConfig {
-            recycling_method: deadpool_postgres::RecyclingMethod::Fast,
-        });
-        cfg.pool = Some(deadpool_postgres::PoolConfig::new(POOL));
-        cfg.create_pool(
-            Some(deadpool_postgres::Runtime::Tokio1),
-            tokio_postgres::NoTls,
+    let app = url(cluster.port(), "hr_app");
+    let login = url(cluster.port(), ALICE_LOGIN);
+
+    // The baseline login, from the settings ctxpool applies for alice, checked to match.
+    let ctx_pool = pool(&app, ContextScope::Transaction, POOL);
+    let settings = rt.block_on(async {
+        let c = ctx_pool.acquire_as(&alice()).await.unwrap();
+        ContextSettings::from_row(&c.query_one(SETTINGS_SQL, &[]).await.unwrap())
+    });
+    settings.create_login(&cluster, ALICE_LOGIN);
+    let (bb8, sqlx) = rt.block_on(async {
+        (
+            bb8(&login, POOL as u32).await,
+            sqlx(&login, POOL as u32).await,
         )
-        .unwrap()
-    };
+    });
     let subjects = [
-        ("deadpool_postgres_plain", Subject::Deadpool(deadpool)),
+        (
+            "deadpool_fast",
+            Subject::Deadpool(deadpool(&login, RecyclingMethod::Fast, POOL)),
+        ),
+        (
+            "deadpool_clean",
+            Subject::Deadpool(deadpool(&login, RecyclingMethod::Clean, POOL)),
+        ),
+        ("bb8_postgres", Subject::Bb8(bb8)),
+        ("sqlx", Subject::Sqlx(sqlx)),
         (
             "ctxpool_plain",
-            Subject::CtxpoolPlain(pool(&url, ContextScope::Transaction, POOL)),
+            Subject::CtxpoolPlain(pool(&app, ContextScope::Transaction, POOL)),
         ),
         (
-            "ctxpool_context",
-            Subject::CtxpoolContext(pool(&url, ContextScope::Transaction, POOL), alice()),
+            "ctxpool_transaction_scope",
+            Subject::CtxpoolAs(ctx_pool, alice()),
         ),
     ];
-    let mut group = c.benchmark_group("contention_32_tasks_pool_8");
-    group
-        .sample_size(20)
-        .measurement_time(Duration::from_secs(6));
-    for (name, subject) in &subjects {
-        group.bench_function(*name, |b| {
-            b.iter_custom(|iters| {
-                rt.block_on(async {
-                    let per_task = iters.div_ceil(TASKS);
-                    let start = Instant::now();
-                    let tasks: Vec<_> = (0..TASKS)
-                        .map(|_| {
-                            let s = subject.clone();
-                            tokio::spawn(async move {
-                                for _ in 0..per_task {
-                                    s.request().await;
-                                }
-                            })
-                        })
-                        .collect();
-                    for t in tasks {
-                        t.await.unwrap();
-                    }
-                    start.elapsed()
-                })
-            })
-        });
+
+    let mut inter = Interleaver::new(TASKS * PER_TASK, |s: &mut Subject, n| {
+        rt.block_on(s.burst(n))
+    })
+    .fresh_per_call(short_run());
+    for (name, subject) in subjects {
+        inter.add(name, subject);
+    }
+    // Every subject with alice's context reads her rows; ctxpool_plain reads none.
+    let alice_rows = rt.block_on(inter.variants_mut().next().expect("a baseline").1.request());
+    assert!(!alice_rows.is_empty(), "the baseline sees alice's rows");
+    for (name, subject) in inter.variants_mut() {
+        let rows = rt.block_on(subject.request());
+        if name == "ctxpool_plain" {
+            assert_ne!(rows, alice_rows, "{name} has no context");
+        } else {
+            assert_eq!(rows, alice_rows, "{name}");
+        }
+    }
+    inter.warm_up(2);
+
+    let group_name = format!("contention_{TASKS}_tasks_pool_{POOL}");
+    let mut group = c.benchmark_group(&group_name);
+    configure(&mut group, 20, 1.0, 8.0);
+    let names: Vec<String> = inter.names().to_vec();
+    for (i, name) in names.iter().enumerate() {
+        group.bench_function(name, |b| b.iter_custom(|iters| inter.take(i, iters)));
     }
     group.finish();
     c.final_summary();
 
-    let group = "contention_32_tasks_pool_8";
     println!(
-        "\ncontention, 32 tasks on a pool of 8 (throughput relative to deadpool-postgres Fast):"
+        "\n### {group_name}\n\n{}",
+        inter.table("deadpool_fast", Report::Throughput)
     );
-    println!("| pool | per request | requests/s | ratio |");
-    println!("|---|---:|---:|---:|");
-    let Some(base) = median_ns(group, "deadpool_postgres_plain") else {
-        return;
-    };
-    for (name, _) in &subjects {
-        if let Some(ns) = median_ns(group, name) {
-            println!(
-                "| {name} | {:.1} µs | {:.0} | {:.2}× |",
-                ns / 1e3,
-                1e9 / ns,
-                base / ns
-            );
-        }
+
+    // How often, on this multi-thread runtime, a context statement and its user statement
+    // reached the wire apart (the Sync held until the second came) or not together at
+    // all (the Sync kept): summed over the pool's connections.
+    let ctx_pool = inter.variants_mut().find_map(|(_, s)| match s {
+        Subject::CtxpoolAs(p, _) => Some(p.clone()),
+        _ => None,
+    });
+    if let Some(pool) = ctx_pool {
+        let (held, unmerged) = rt.block_on(async {
+            let mut held = 0;
+            let mut unmerged = 0;
+            let mut handles = Vec::new();
+            for _ in 0..POOL {
+                let c = pool.get().await.unwrap();
+                held += c.held_syncs();
+                unmerged += c.unmerged_batches();
+                handles.push(c);
+            }
+            (held, unmerged)
+        });
+        println!(
+            "ctxpool_transaction_scope, over its {POOL} connections: {held} Syncs held for a \
+             follower that came later, {unmerged} batches sent unmerged"
+        );
     }
 }

@@ -1,155 +1,479 @@
-//! What a context costs per query: plain `get`+query against `acquire_as`+query in both
-//! scopes and against the naive way (the context as separate awaited statements), on
-//! loopback and through a proxy adding ~1 ms of round trip (OS-thread timers).
+//! What a security context costs per request, one request at a time (current-thread
+//! runtime, every pool of size 1), on loopback (`direct`) and through a proxy adding
+//! ~1 ms of round trip (`rtt_1ms`).
 //!
-//! Targets, as ratios to plain in the same run: ≤ 1.03× at 1 ms RTT, ≤ 1.3× direct.
-//! `cargo bench --bench piggyback`; HTML in `target/criterion/report/index.html`.
+//! # Groups
+//! `piggyback_{network}`: one request = check out, run alice's view of `LIST`, release.
+//! Every variant returns the same rows (checked at start-up) except `ctxpool_plain`,
+//! which has no context and so sees none, and `ctxpool_session_switching`, which
+//! alternates alice and bob.
+//! - `deadpool_fast` — **the baseline**: deadpool-postgres, `RecyclingMethod::Fast`,
+//!   logging in as `hr_alice`, whose role defaults hold exactly the settings ctxpool
+//!   applies for alice: the context costs it nothing per request, so it is the cost of a
+//!   pooled query alone.
+//! - `deadpool_clean` (`RecyclingMethod::Clean`), `bb8_postgres` (bb8 defaults: a
+//!   `simple_query("")` check on checkout; no statement cache, so `query_typed`, one round
+//!   trip), `sqlx` (`PgPool` defaults: a ping before acquire; `sqlx::query`, prepared and
+//!   cached): the same login.
+//! - `ctxpool_plain` (`get`, no context), `ctxpool_transaction_scope` and
+//!   `ctxpool_session_scope` (`acquire_as(&alice)`), `ctxpool_session_switching` (alice
+//!   and bob in turn): ctxpool on hr_app.
+//! - `naive`: a plain pool with the context set by an awaited `set_config` statement, the
+//!   query, and an awaited `RESET`: three round trips.
+//! - `limit`: the physical limit, no pool: one raw connection, the context statement and
+//!   `LIST` prepared once, each request their two Bind/Execute under one Sync.
+//!   `limit_with_reset` sends ctxpool's session reset first (its check, then `BEGIN`, the
+//!   statements of `RecyclingMethod::Clean` and `COMMIT`), still under the one Sync: what
+//!   a pool that resets and applies a context in the request's own flight costs at best.
+//!
+//! `further_statement_{network}`: the cost of one more statement in a checkout already
+//! held (checkout, statement preparation and a first query are done before the clock
+//! starts): `deadpool_fast_held` (baseline), `ctxpool_transaction_scope_held`,
+//! `ctxpool_plain_held`.
+//!
+//! # Reading it
+//! Variants are measured interleaved (see `support/interleave.rs`): rounds of 8 requests
+//! of every variant in rotating order, so that every figure was measured side by side
+//! with the others. At the end the bench prints, per group, a markdown table of the
+//! median time per request and the median, p25 and p75 of the per-round ratio to the
+//! baseline: those ratios are the figures to compare. Criterion's own report
+//! (`$CARGO_TARGET_DIR/criterion/report/index.html`) shows each variant's distribution.
+//!
+//! `cargo bench --features peers --bench piggyback`; a smoke run with
+//! `CTXPOOL_BENCH_QUICK=1` (or criterion's `-- --quick`).
 
+#[path = "support/raw.rs"]
+mod raw;
 mod support;
 
 use std::hint::black_box;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use criterion::Criterion;
 use ctxpool::SecurityContext;
 use ctxpool::postgres::{ContextScope, Pool};
 use ctxpool::testing::FlightProxy;
+use deadpool_postgres::RecyclingMethod;
+use raw::RawConn;
+use sqlx::Row as _;
+use support::interleave::{Interleaver, Report};
 use support::*;
+use tokio::runtime::Runtime;
 use tokio_postgres::types::Type;
 
-const VARIANTS: [&str; 5] = [
-    "plain",
-    "transaction_scope",
-    "session_scope_same_user",
-    "session_scope_switching",
-    "naive",
+/// Requests of each variant per round.
+const BATCH: u64 = 8;
+
+/// The transaction-local context statement of the limit: ctxpool's, for two attributes.
+const CONTEXT_SQL: &str = "SELECT pg_catalog.set_config('role', $1, true), \
+     pg_catalog.set_config('ctxpool.end_user', $2, true), \
+     pg_catalog.set_config('ctxpool.data_roles', $3, true), \
+     pg_catalog.set_config('ctxpool.attributes', $4, true), \
+     pg_catalog.set_config($5, $6, true), pg_catalog.set_config($7, $8, true)";
+
+/// The session-wide context of `naive`, set by an awaited statement of its own.
+const NAIVE_SET_SQL: &str = "SELECT set_config('role', $1, false), \
+     set_config('ctxpool.end_user', $2, false), \
+     set_config('ctxpool.data_roles', $3, false), \
+     set_config('ctxpool.attributes', $4, false), \
+     set_config($5, $6, false), set_config($7, $8, false)";
+
+/// … and undone by another.
+const NAIVE_RESET_SQL: &str = "RESET ROLE; RESET ctxpool.end_user; RESET ctxpool.data_roles; \
+     RESET ctxpool.attributes; RESET \"hr.hcm_context.emp_id\"; RESET \"hr.hcm_context.org_id\"";
+
+/// ctxpool's session reset, one prepared statement each: its check (session authorization,
+/// role, advisory locks, SQL prepared statements), then the rest in a transaction block.
+const RESET_SQL: [&str; 8] = [
+    "SELECT pg_catalog.set_config('session_authorization', NULL, false), \
+     pg_catalog.set_config('role', NULL, false), pg_catalog.pg_advisory_unlock_all(), \
+     (SELECT ('dirty' || pg_catalog.left(name, 0))::int \
+     FROM pg_catalog.pg_prepared_statements WHERE from_sql LIMIT 1)",
+    "BEGIN",
+    "RESET ALL",
+    "CLOSE ALL",
+    "UNLISTEN *",
+    "DISCARD TEMP",
+    "DISCARD SEQUENCES",
+    "COMMIT",
 ];
 
-/// One request of the named variant.
-async fn request(variant: &str, pools: &Pools, i: u64) {
-    let (alice, bob) = (&pools.alice, &pools.bob);
-    let rows = match variant {
-        "plain" => {
-            let c = pools.tx.get().await.unwrap();
-            let s = c.prepare_cached(LIST).await.unwrap();
-            c.query(&s, &[]).await.unwrap()
-        }
-        "transaction_scope" => {
-            let c = pools.tx.acquire_as(alice).await.unwrap();
-            let s = c.prepare_cached(LIST).await.unwrap();
-            c.query(&s, &[]).await.unwrap()
-        }
-        "session_scope_same_user" => {
-            let c = pools.session.acquire_as(alice).await.unwrap();
-            let s = c.prepare_cached(LIST).await.unwrap();
-            c.query(&s, &[]).await.unwrap()
-        }
-        "session_scope_switching" => {
-            let who: &SecurityContext = if i % 2 == 0 { alice } else { bob };
-            let c = pools.session.acquire_as(who).await.unwrap();
-            let s = c.prepare_cached(LIST).await.unwrap();
-            c.query(&s, &[]).await.unwrap()
-        }
-        _ => {
-            // The naive way: set the context, query, reset, each statement awaited.
-            let c = pools.tx.get().await.unwrap();
-            let s = c.prepare_cached(LIST).await.unwrap();
-            let set = "SELECT set_config('role', $1, false), set_config('ctxpool.end_user', $2, false), \
-                       set_config('hr.hcm_context.emp_id', $3, false)";
-            c.query_typed(
-                set,
-                &[
-                    (&"hr_employee", Type::TEXT),
-                    (&"alice", Type::TEXT),
-                    (&"3", Type::TEXT),
-                ],
-            )
-            .await
-            .unwrap();
-            let rows = c.query(&s, &[]).await.unwrap();
-            c.batch_execute("RESET ROLE; RESET ctxpool.end_user; RESET hr.hcm_context.emp_id")
-                .await
-                .unwrap();
-            rows
-        }
-    };
-    black_box(rows);
+type Bb8Pool = bb8::Pool<bb8_postgres::PostgresConnectionManager<tokio_postgres::NoTls>>;
+
+/// A variant of the `piggyback` groups: what one request does.
+enum Request {
+    Deadpool(deadpool_postgres::Pool),
+    Bb8(Bb8Pool),
+    Sqlx(sqlx::PgPool),
+    CtxpoolPlain(Pool),
+    CtxpoolAs(Pool, SecurityContext),
+    CtxpoolSwitching(Pool, [SecurityContext; 2], usize),
+    Naive(Pool, Vec<String>),
+    Limit(Box<Limit>),
 }
 
-struct Pools {
-    tx: Pool,
-    session: Pool,
-    alice: SecurityContext,
-    bob: SecurityContext,
+/// The raw connection of the limit and the parameters of its context statement.
+struct Limit {
+    conn: RawConn,
+    params: Vec<Vec<u8>>,
+    reset: bool,
+}
+
+impl Limit {
+    async fn new(addr: SocketAddr, settings: &ContextSettings, reset: bool) -> Self {
+        let mut conn = RawConn::connect(addr, "hr_app", "hr").await;
+        let params: Vec<Vec<u8>> = settings
+            .statement_params()
+            .into_iter()
+            .map(String::into_bytes)
+            .collect();
+        conn.parse("ctx", CONTEXT_SQL, params.len());
+        conn.parse("list", LIST, 0);
+        for (i, sql) in RESET_SQL.iter().enumerate() {
+            conn.parse(&format!("reset{i}"), sql, 0);
+        }
+        conn.sync().await;
+        Self {
+            conn,
+            params,
+            reset,
+        }
+    }
+
+    /// (The reset,) the context and `LIST` under one Sync; the rows of `LIST`.
+    async fn request(&mut self) -> Vec<String> {
+        if self.reset {
+            for i in 0..RESET_SQL.len() {
+                self.conn
+                    .bind_execute(&format!("reset{i}"), std::iter::empty());
+            }
+        }
+        self.conn
+            .bind_execute("ctx", self.params.iter().map(Vec::as_slice));
+        self.conn.bind_execute("list", std::iter::empty());
+        let mut reply = self.conn.sync().await;
+        let expected = if self.reset { RESET_SQL.len() + 2 } else { 2 };
+        assert_eq!(reply.len(), expected, "one completion per statement");
+        // The context statement answers one row.
+        assert_eq!(reply[expected - 2].len(), 1);
+        reply.pop().unwrap_or_default()
+    }
+}
+
+impl Request {
+    /// One request; the names it read.
+    async fn run(&mut self) -> Vec<String> {
+        match self {
+            Self::Deadpool(pool) => {
+                let c = pool.get().await.unwrap();
+                let s = c.prepare_cached(LIST).await.unwrap();
+                names(&c.query(&s, &[]).await.unwrap())
+            }
+            Self::Bb8(pool) => {
+                let c = pool.get().await.unwrap();
+                names(&c.query_typed(LIST, &[]).await.unwrap())
+            }
+            Self::Sqlx(pool) => sqlx::query(LIST)
+                .fetch_all(&*pool)
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.get::<String, _>(0))
+                .collect(),
+            Self::CtxpoolPlain(pool) => {
+                let c = pool.get().await.unwrap();
+                let s = c.prepare_cached(LIST).await.unwrap();
+                names(&c.query(&s, &[]).await.unwrap())
+            }
+            Self::CtxpoolAs(pool, who) => {
+                let c = pool.acquire_as(&*who).await.unwrap();
+                let s = c.prepare_cached(LIST).await.unwrap();
+                names(&c.query(&s, &[]).await.unwrap())
+            }
+            Self::CtxpoolSwitching(pool, who, turn) => {
+                *turn = (*turn + 1) % who.len();
+                let c = pool.acquire_as(&who[*turn]).await.unwrap();
+                let s = c.prepare_cached(LIST).await.unwrap();
+                names(&c.query(&s, &[]).await.unwrap())
+            }
+            Self::Naive(pool, params) => {
+                let c = pool.get().await.unwrap();
+                let s = c.prepare_cached(LIST).await.unwrap();
+                let typed: Vec<_> = params
+                    .iter()
+                    .map(|p| (p as &(dyn tokio_postgres::types::ToSql + Sync), Type::TEXT))
+                    .collect();
+                c.query_typed(NAIVE_SET_SQL, &typed).await.unwrap();
+                let rows = c.query(&s, &[]).await.unwrap();
+                c.batch_execute(NAIVE_RESET_SQL).await.unwrap();
+                names(&rows)
+            }
+            Self::Limit(limit) => limit.request().await,
+        }
+    }
+
+    /// `n` requests, timed together.
+    async fn batch(&mut self, n: u64) -> Duration {
+        let start = Instant::now();
+        for _ in 0..n {
+            black_box(self.run().await);
+        }
+        start.elapsed()
+    }
+}
+
+/// A variant of the `further_statement` groups: one checkout held for the batch.
+enum Held {
+    Deadpool(deadpool_postgres::Pool),
+    Ctxpool(Pool, Option<SecurityContext>),
+}
+
+impl Held {
+    /// Checks out, prepares `LIST` and runs it once, then times `n` more runs of it.
+    async fn batch(&mut self, n: u64) -> Duration {
+        match self {
+            Self::Deadpool(pool) => {
+                let c = pool.get().await.unwrap();
+                let s = c.prepare_cached(LIST).await.unwrap();
+                black_box(c.query(&s, &[]).await.unwrap());
+                let start = Instant::now();
+                for _ in 0..n {
+                    black_box(names(&c.query(&s, &[]).await.unwrap()));
+                }
+                start.elapsed()
+            }
+            Self::Ctxpool(pool, who) => {
+                let c = match who {
+                    Some(who) => pool.acquire_as(&*who).await.unwrap(),
+                    None => pool.get().await.unwrap(),
+                };
+                let s = c.prepare_cached(LIST).await.unwrap();
+                black_box(c.query(&s, &[]).await.unwrap());
+                let start = Instant::now();
+                for _ in 0..n {
+                    black_box(names(&c.query(&s, &[]).await.unwrap()));
+                }
+                start.elapsed()
+            }
+        }
+    }
+
+    /// The names one statement of a fresh checkout reads.
+    async fn names(&mut self) -> Vec<String> {
+        match self {
+            Self::Deadpool(pool) => {
+                let c = pool.get().await.unwrap();
+                names(&c.query(LIST, &[]).await.unwrap())
+            }
+            Self::Ctxpool(pool, who) => {
+                let c = match who {
+                    Some(who) => pool.acquire_as(&*who).await.unwrap(),
+                    None => pool.get().await.unwrap(),
+                };
+                names(&c.query(LIST, &[]).await.unwrap())
+            }
+        }
+    }
+}
+
+/// What the start-up checks established.
+struct Expected {
+    alice: Vec<String>,
+    bob: Vec<String>,
+    plain: Vec<String>,
+    settings: ContextSettings,
+}
+
+/// Creates the baseline login from the settings ctxpool applies for alice, and checks
+/// that it is a faithful baseline: the same settings, the same rows, and rows that differ
+/// from a plain hr_app session's.
+fn set_up(rt: &Runtime, cluster: &ctxpool::testing::PgCluster) -> Expected {
+    let url_app = url(cluster.port(), "hr_app");
+    let probe = pool(&url_app, ContextScope::Transaction, 1);
+    let (settings, alice_rows, bob_rows, plain_rows) = rt.block_on(async {
+        let c = probe.acquire_as(&alice()).await.unwrap();
+        let settings = ContextSettings::from_row(&c.query_one(SETTINGS_SQL, &[]).await.unwrap());
+        let alice_rows = names(&c.query(LIST, &[]).await.unwrap());
+        drop(c);
+        let c = probe.acquire_as(&bob()).await.unwrap();
+        let bob_rows = names(&c.query(LIST, &[]).await.unwrap());
+        drop(c);
+        let c = probe.get().await.unwrap();
+        let plain_rows = names(&c.query(LIST, &[]).await.unwrap());
+        (settings, alice_rows, bob_rows, plain_rows)
+    });
+    settings.create_login(cluster, ALICE_LOGIN);
+    let baseline = deadpool(&url(cluster.port(), ALICE_LOGIN), RecyclingMethod::Fast, 1);
+    let (base_settings, base_rows) = rt.block_on(async {
+        let c = baseline.get().await.unwrap();
+        let s = ContextSettings::from_row(&c.query_one(SETTINGS_SQL, &[]).await.unwrap());
+        (s, names(&c.query(LIST, &[]).await.unwrap()))
+    });
+    assert_eq!(
+        base_settings, settings,
+        "the baseline login holds alice's context"
+    );
+    assert_eq!(base_rows, alice_rows, "the baseline sees alice's rows");
+    assert!(!alice_rows.is_empty(), "alice sees rows");
+    assert_ne!(alice_rows, plain_rows, "a context changes what hr_app sees");
+    assert_ne!(alice_rows, bob_rows, "alice and bob see different rows");
+    println!(
+        "baseline login {ALICE_LOGIN}: {settings:?}\n  alice sees {alice_rows:?}, bob {bob_rows:?}, \
+         plain hr_app {plain_rows:?}"
+    );
+    Expected {
+        alice: alice_rows,
+        bob: bob_rows,
+        plain: plain_rows,
+        settings,
+    }
 }
 
 fn main() {
-    let mut c = Criterion::default()
-        .output_directory(&criterion_dir())
-        .configure_from_args();
+    let mut c = criterion();
     let cluster = cluster();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], cluster.port()));
-    let proxy = FlightProxy::start(addr, Duration::from_micros(500)).unwrap();
-    let networks = [
-        ("direct", cluster.url("hr_app", "hr")),
-        (
-            "rtt_1ms",
-            format!("postgres://hr_app@127.0.0.1:{}/hr", proxy.port()),
-        ),
-    ];
-    for (network, url) in &networks {
-        let pools = Pools {
-            tx: pool(url, ContextScope::Transaction, 1),
-            session: pool(url, ContextScope::Session, 1),
-            alice: alice(),
-            bob: bob(),
-        };
-        let mut group = c.benchmark_group(format!("piggyback_{network}"));
-        if *network == "rtt_1ms" {
-            group
-                .sample_size(20)
-                .measurement_time(Duration::from_secs(4));
-        } else {
-            group
-                .sample_size(50)
-                .measurement_time(Duration::from_secs(4));
+    let expected = set_up(&rt, &cluster);
+    let upstream = SocketAddr::from(([127, 0, 0, 1], cluster.port()));
+    let proxy = FlightProxy::start(upstream, Duration::from_micros(500)).unwrap();
+    let networks = [("direct", upstream), ("rtt_1ms", proxy.addr())];
+
+    let mut tables = Vec::new();
+    for (network, addr) in networks {
+        let app = url(addr.port(), "hr_app");
+        let login = url(addr.port(), ALICE_LOGIN);
+
+        // One request at a time.
+        let mut inter = Interleaver::new(BATCH, |v: &mut Request, n| rt.block_on(v.batch(n)))
+            .fresh_per_call(short_run());
+        let (bb8, sqlx, limit, limit_with_reset) = rt.block_on(async {
+            (
+                bb8(&login, 1).await,
+                sqlx(&login, 1).await,
+                Limit::new(addr, &expected.settings, false).await,
+                Limit::new(addr, &expected.settings, true).await,
+            )
+        });
+        let variants = [
+            (
+                "deadpool_fast",
+                Request::Deadpool(deadpool(&login, RecyclingMethod::Fast, 1)),
+            ),
+            (
+                "deadpool_clean",
+                Request::Deadpool(deadpool(&login, RecyclingMethod::Clean, 1)),
+            ),
+            ("bb8_postgres", Request::Bb8(bb8)),
+            ("sqlx", Request::Sqlx(sqlx)),
+            (
+                "ctxpool_plain",
+                Request::CtxpoolPlain(pool(&app, ContextScope::Transaction, 1)),
+            ),
+            (
+                "ctxpool_transaction_scope",
+                Request::CtxpoolAs(pool(&app, ContextScope::Transaction, 1), alice()),
+            ),
+            (
+                "ctxpool_session_scope",
+                Request::CtxpoolAs(pool(&app, ContextScope::Session, 1), alice()),
+            ),
+            (
+                "ctxpool_session_switching",
+                Request::CtxpoolSwitching(
+                    pool(&app, ContextScope::Session, 1),
+                    [bob(), alice()],
+                    0,
+                ),
+            ),
+            (
+                "naive",
+                Request::Naive(
+                    pool(&app, ContextScope::Transaction, 1),
+                    expected.settings.statement_params(),
+                ),
+            ),
+            ("limit", Request::Limit(Box::new(limit))),
+            (
+                "limit_with_reset",
+                Request::Limit(Box::new(limit_with_reset)),
+            ),
+        ];
+        for (name, variant) in variants {
+            inter.add(name, variant);
         }
-        for variant in VARIANTS {
-            group.bench_function(variant, |b| {
-                b.iter_custom(|iters| {
-                    rt.block_on(async {
-                        let start = Instant::now();
-                        for i in 0..iters {
-                            request(variant, &pools, i).await;
-                        }
-                        start.elapsed()
-                    })
-                })
-            });
+        // Every variant reads what it should, twice (the second on a reused connection).
+        for (name, variant) in inter.variants_mut() {
+            for turn in 0..2 {
+                let rows = rt.block_on(variant.run());
+                let want = match name {
+                    "ctxpool_plain" => &expected.plain,
+                    "ctxpool_session_switching" if turn == 0 => &expected.alice,
+                    "ctxpool_session_switching" => &expected.bob,
+                    _ => &expected.alice,
+                };
+                assert_eq!(&rows, want, "{network}/{name}, request {turn}");
+            }
+        }
+        inter.warm_up(2);
+        let group_name = format!("piggyback_{network}");
+        let mut group = c.benchmark_group(&group_name);
+        if network == "direct" {
+            configure(&mut group, 20, 0.5, 4.0);
+        } else {
+            configure(&mut group, 15, 0.5, 5.0);
+        }
+        let names: Vec<String> = inter.names().to_vec();
+        for (i, name) in names.iter().enumerate() {
+            group.bench_function(name, |b| b.iter_custom(|iters| inter.take(i, iters)));
         }
         group.finish();
+        tables.push((group_name, inter.table("deadpool_fast", Report::Latency)));
+        drop(inter);
+
+        // One more statement in a held checkout.
+        let mut held = Interleaver::new(BATCH, |v: &mut Held, n| rt.block_on(v.batch(n)))
+            .fresh_per_call(short_run());
+        held.add(
+            "deadpool_fast_held",
+            Held::Deadpool(deadpool(&login, RecyclingMethod::Fast, 1)),
+        );
+        held.add(
+            "ctxpool_transaction_scope_held",
+            Held::Ctxpool(pool(&app, ContextScope::Transaction, 1), Some(alice())),
+        );
+        held.add(
+            "ctxpool_plain_held",
+            Held::Ctxpool(pool(&app, ContextScope::Transaction, 1), None),
+        );
+        for (name, variant) in held.variants_mut() {
+            let rows = rt.block_on(variant.names());
+            let want = if name == "ctxpool_plain_held" {
+                &expected.plain
+            } else {
+                &expected.alice
+            };
+            assert_eq!(&rows, want, "{network}/{name}");
+        }
+        held.warm_up(2);
+        let group_name = format!("further_statement_{network}");
+        let mut group = c.benchmark_group(&group_name);
+        configure(&mut group, 20, 0.5, 3.0);
+        let names: Vec<String> = held.names().to_vec();
+        for (i, name) in names.iter().enumerate() {
+            group.bench_function(name, |b| b.iter_custom(|iters| held.take(i, iters)));
+        }
+        group.finish();
+        tables.push((
+            group_name,
+            held.table("deadpool_fast_held", Report::Latency),
+        ));
     }
     c.final_summary();
 
-    println!("\npiggyback, median per request (ratio to plain get+query, same run):");
-    println!("| network | {} |", VARIANTS.join(" | "));
-    println!("|---|{}", "---:|".repeat(VARIANTS.len()));
-    for (network, _) in &networks {
-        let group = format!("piggyback_{network}");
-        let Some(plain) = median_ns(&group, "plain") else {
-            continue;
-        };
-        let cells: Vec<String> = VARIANTS
-            .iter()
-            .map(|v| match median_ns(&group, v) {
-                Some(ns) => format!("{:.0} µs ({:.2}×)", ns / 1e3, ns / plain),
-                None => "-".into(),
-            })
-            .collect();
-        println!("| {network} | {} |", cells.join(" | "));
+    for (group, table) in tables {
+        println!("\n### {group}\n\n{table}");
     }
 }
