@@ -28,7 +28,6 @@ use std::time::{Duration, Instant};
 
 use ctxpool::postgres::ContextScope;
 use deadpool_postgres::RecyclingMethod;
-use sqlx::Row as _;
 use support::interleave::{Interleaver, Report};
 use support::*;
 
@@ -52,32 +51,11 @@ impl Subject {
     /// One checkout and one query; the names read.
     async fn request(&self) -> Vec<String> {
         match self {
-            Self::Deadpool(p) => {
-                let c = p.get().await.unwrap();
-                let s = c.prepare_cached(LIST).await.unwrap();
-                names(&c.query(&s, &[]).await.unwrap())
-            }
-            Self::Bb8(p) => {
-                let c = p.get().await.unwrap();
-                names(&c.query_typed(LIST, &[]).await.unwrap())
-            }
-            Self::Sqlx(p) => sqlx::query(LIST)
-                .fetch_all(p)
-                .await
-                .unwrap()
-                .iter()
-                .map(|r| r.get::<String, _>(0))
-                .collect(),
-            Self::CtxpoolPlain(p) => {
-                let c = p.get().await.unwrap();
-                let s = c.prepare_cached(LIST).await.unwrap();
-                names(&c.query(&s, &[]).await.unwrap())
-            }
-            Self::CtxpoolAs(p, who) => {
-                let c = p.acquire_as(who).await.unwrap();
-                let s = c.prepare_cached(LIST).await.unwrap();
-                names(&c.query(&s, &[]).await.unwrap())
-            }
+            Self::Deadpool(p) => deadpool_request(p).await,
+            Self::Bb8(p) => bb8_request(p).await,
+            Self::Sqlx(p) => sqlx_request(p).await,
+            Self::CtxpoolPlain(p) => ctxpool_request(p, None).await,
+            Self::CtxpoolAs(p, who) => ctxpool_request(p, Some(who)).await,
         }
     }
 

@@ -171,6 +171,45 @@ pub async fn sqlx(url: &str, max_size: u32) -> sqlx::PgPool {
         .expect("a sqlx pool")
 }
 
+/// One deadpool-postgres checkout and `LIST` through its statement cache.
+pub async fn deadpool_request(pool: &deadpool_postgres::Pool) -> Vec<String> {
+    let c = pool.get().await.unwrap();
+    let s = c.prepare_cached(LIST).await.unwrap();
+    names(&c.query(&s, &[]).await.unwrap())
+}
+
+/// One bb8 checkout and `LIST` (bb8-postgres has no statement cache: `query_typed`, one
+/// round trip).
+pub async fn bb8_request(
+    pool: &bb8::Pool<bb8_postgres::PostgresConnectionManager<tokio_postgres::NoTls>>,
+) -> Vec<String> {
+    let c = pool.get().await.unwrap();
+    names(&c.query_typed(LIST, &[]).await.unwrap())
+}
+
+/// `LIST` on a sqlx pool (prepared and cached by sqlx).
+pub async fn sqlx_request(pool: &sqlx::PgPool) -> Vec<String> {
+    use sqlx::Row as _;
+    sqlx::query(LIST)
+        .fetch_all(pool)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get::<String, _>(0))
+        .collect()
+}
+
+/// One ctxpool checkout (under `who`'s context, or plain) and `LIST` through its statement
+/// cache.
+pub async fn ctxpool_request(pool: &Pool, who: Option<&ctxpool::SecurityContext>) -> Vec<String> {
+    let c = match who {
+        Some(who) => pool.acquire_as(who).await.unwrap(),
+        None => pool.get().await.unwrap(),
+    };
+    let s = c.prepare_cached(LIST).await.unwrap();
+    names(&c.query(&s, &[]).await.unwrap())
+}
+
 /// Criterion writing to [`criterion_dir`], with 20 000 bootstrap resamples (a tenth of
 /// the analysis time of the default 100 000, for confidence intervals as good at these
 /// sample sizes); the command line still overrides.
