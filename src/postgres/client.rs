@@ -78,18 +78,31 @@ impl ClientWrapper {
     where
         Fut: Future<Output = Result<R, Error>>,
     {
-        self.run_as(false, op).await
+        self.run_as(false, false, op).await
     }
 
-    /// [`run_once`](Self::run_once) for a statement that is not a stream.
-    pub(crate) async fn run_single<'s, R, Fut>(
+    /// [`run`](Self::run) for an operation whose request binds a prepared statement (its
+    /// first frame is a Bind): the batch rides on that request itself.
+    pub(crate) async fn run_bound<'s, R, Fut>(
+        &'s self,
+        op: impl FnMut(&'s Client) -> Fut,
+    ) -> Result<R, Error>
+    where
+        Fut: Future<Output = Result<R, Error>>,
+    {
+        self.run_as(false, true, op).await
+    }
+
+    /// For an operation that cannot be sent twice, is not a stream, and whose request
+    /// binds a prepared statement.
+    pub(crate) async fn run_single_bound<'s, R, Fut>(
         &'s self,
         op: impl FnOnce(&'s Client) -> Fut,
     ) -> Result<R, Error>
     where
         Fut: Future<Output = Result<R, Error>>,
     {
-        self.run_once(false, op).await
+        self.run_once(false, true, op).await
     }
 
     /// [`run`](Self::run) for an operation that returns a stream: its ReadyForQuery comes
@@ -97,6 +110,7 @@ impl ClientWrapper {
     pub(crate) async fn run_as<'s, R, Fut>(
         &'s self,
         stream: bool,
+        binds: bool,
         mut op: impl FnMut(&'s Client) -> Fut,
     ) -> Result<R, Error>
     where
@@ -105,8 +119,8 @@ impl ClientWrapper {
         // Once more when the reset found SQL-level prepared statements of an earlier
         // checkout that no command tag had shown (made inside a function): the server
         // skipped the user's statement, and the next reset deallocates them first.
-        match self.attempt(stream, true, &mut op).await {
-            (true, _) => self.attempt(stream, false, &mut op).await.1,
+        match self.attempt(stream, binds, true, &mut op).await {
+            (true, _) => self.attempt(stream, binds, false, &mut op).await.1,
             (false, result) => result,
         }
     }
@@ -116,18 +130,20 @@ impl ClientWrapper {
     pub(crate) async fn run_once<'s, R, Fut>(
         &'s self,
         stream: bool,
+        binds: bool,
         op: impl FnOnce(&'s Client) -> Fut,
     ) -> Result<R, Error>
     where
         Fut: Future<Output = Result<R, Error>>,
     {
-        self.attempt(stream, false, op).await.1
+        self.attempt(stream, binds, false, op).await.1
     }
 
     /// One attempt; says whether it should be made again.
     async fn attempt<'s, R, Fut>(
         &'s self,
         stream: bool,
+        binds: bool,
         may_retry: bool,
         op: impl FnOnce(&'s Client) -> Fut,
     ) -> (bool, Result<R, Error>)
@@ -140,10 +156,13 @@ impl ClientWrapper {
             // status it leaves.
             wire.settled().await;
         }
-        let plan = self.session.plan(self.desired.as_ref(), Purpose::Statement);
+        let plan = self
+            .session
+            .plan(self.desired.as_ref(), Purpose::Statement, binds);
         self.in_flight.fetch_add(1, Ordering::SeqCst);
         let (carrier_ok, result) = match &plan {
             Plan::Direct => (true, op(&self.client).await),
+            Plan::Batch(p) if p.leading => (true, self.run_leading(p, op).await),
             Plan::Batch(p) => self.run_batch(p, op).await,
         };
         if !stream {
@@ -165,6 +184,37 @@ impl ClientWrapper {
         }
         let retry = may_retry && reset_failed && matches!(&result, Err(e) if is_prepared_check(e));
         (retry, result)
+    }
+
+    /// Sends the user's request with the batch written before it by the layer. If the
+    /// request never reached the layer (tokio-postgres refused it before sending), the
+    /// batch is withdrawn, so that it cannot attach to a later request.
+    async fn run_leading<'s, R, Fut>(
+        &'s self,
+        plan: &BatchPlan,
+        op: impl FnOnce(&'s Client) -> Fut,
+    ) -> Result<R, Error>
+    where
+        Fut: Future<Output = Result<R, Error>>,
+    {
+        let wire = &self.session.wire;
+        let mut user = pin!(op(&self.client));
+        let mut first = true;
+        let result = std::future::poll_fn(|cx| {
+            if std::mem::take(&mut first) {
+                // Armed and enqueued under the lock, so that no other request of this
+                // handle comes between the batch and its anchor.
+                let _order = self.enqueue.lock();
+                wire.arm(plan.batch.clone());
+                return user.as_mut().poll(cx);
+            }
+            user.as_mut().poll(cx)
+        })
+        .await;
+        if !plan.batch.matched() {
+            wire.disarm(&plan.batch);
+        }
+        result
     }
 
     /// Sends the batch's carrier and the user's request together, and awaits both. The
@@ -286,7 +336,7 @@ impl ClientWrapper {
         I::IntoIter: ExactSizeIterator,
     {
         let statement = self.resolve(statement).await?;
-        self.run_once(true, |c| c.query_raw(&statement, params))
+        self.run_once(true, true, |c| c.query_raw(&statement, params))
             .await
     }
 
@@ -296,7 +346,7 @@ impl ClientWrapper {
         T: ?Sized + ToStatement,
     {
         let statement = self.resolve(statement).await?;
-        self.run_as(true, |c| c.copy_out(&statement)).await
+        self.run_as(true, true, |c| c.copy_out(&statement)).await
     }
 
     /// Starts a transaction, with the context applied in the same flight as `BEGIN`. Every
@@ -320,7 +370,7 @@ impl ClientWrapper {
         }
         let plan = self
             .session
-            .plan(self.desired.as_ref(), Purpose::Begin(begin));
+            .plan(self.desired.as_ref(), Purpose::Begin(begin), false);
         self.in_flight.fetch_add(1, Ordering::SeqCst);
         let result = match &plan {
             Plan::Direct => self.client.batch_execute(begin).await,

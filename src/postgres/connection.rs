@@ -208,6 +208,22 @@ pub(crate) struct BatchPlan {
     resets: bool,
     /// Session scope: the batch applies this context session-wide (confirmed by `after`).
     applies: Option<Arc<Mapped>>,
+    /// The carrier's statement went into `before`, bound by the layer, and the user's own
+    /// request is the anchor: the pool sends no request of its own through tokio-postgres.
+    pub(crate) leading: bool,
+}
+
+impl BatchPlan {
+    /// Whether the statements before the carrier, the carrier and those after it were
+    /// answered without error. A leading batch holds all three in `before`.
+    fn outcome(&self, carrier_ok: bool) -> (bool, bool, bool) {
+        let before = self.batch.before_confirmed();
+        if self.leading {
+            (before, before, before)
+        } else {
+            (before, carrier_ok, self.batch.after_confirmed())
+        }
+    }
 }
 
 /// Which statement a plan is for.
@@ -220,12 +236,14 @@ pub(crate) enum Purpose<'a> {
 }
 
 /// One statement of the pool's in a batch.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 enum Step<'a> {
     /// Prepared at connect under this name.
     Prepared(&'a str),
     /// Sent as text, parsed unnamed.
     Text(&'a str),
+    /// Prepared at connect under this name, bound to these text parameters.
+    Bound(&'a str, Vec<&'a str>),
 }
 
 type Steps<'a> = Vec<Step<'a>>;
@@ -237,6 +255,7 @@ fn statements(steps: &[Step<'_>]) -> Statements {
         match step {
             Step::Prepared(name) => out.push_prepared(name),
             Step::Text(sql) => out.push(sql),
+            Step::Bound(name, params) => out.push_bound(name, params.iter().copied()),
         }
     }
     out
@@ -258,6 +277,17 @@ fn inject_error(before: &mut Steps<'_>, after: &mut Steps<'_>) {
 }
 #[cfg(not(feature = "testing"))]
 fn inject_error(_: &mut Steps<'_>, _: &mut Steps<'_>) {}
+
+/// A batch being planned: the pool's statements around the carrier.
+struct Draft<'s> {
+    carrier: Carrier,
+    before: Steps<'s>,
+    after: Steps<'s>,
+    /// The carrier's Sync is removed, so that the user's request follows it.
+    merge: bool,
+    resets: bool,
+    applies: Option<Arc<Mapped>>,
+}
 
 /// One connection's session.
 pub(crate) struct Session {
@@ -296,15 +326,88 @@ impl Session {
     }
 
     /// Decides how the next statement travels under `desired`.
-    pub(crate) fn plan(&self, desired: Option<&Arc<Mapped>>, purpose: Purpose<'_>) -> Plan {
+    ///
+    /// `binds`: the user's request starts with a Bind (a prepared statement). The batch
+    /// then rides on that request itself, its context statement bound by the wire layer,
+    /// instead of on a carrier request of the pool's.
+    pub(crate) fn plan<'a>(
+        &'a self,
+        desired: Option<&Arc<Mapped>>,
+        purpose: Purpose<'a>,
+        binds: bool,
+    ) -> Plan {
         let mut st = self.state.lock();
         st.dirty = true;
         let begin = match purpose {
             Purpose::Begin(sql) => Some(sql),
             Purpose::Statement => None,
         };
+        let Some(draft) = self.plan_status(&mut st, desired, begin) else {
+            return Plan::Direct;
+        };
+        let Draft {
+            carrier,
+            mut before,
+            mut after,
+            merge,
+            resets,
+            applies,
+        } = draft;
+        let context = match &carrier {
+            Carrier::Context { mapped, local } => Some((mapped.clone(), *local)),
+            Carrier::Commit => None,
+        };
+        // The batch can ride on the user's own request when it binds a prepared statement,
+        // the pool's statements are prepared, and the context statement has the flat form
+        // (the layer binds its parameters as text).
+        let carrier_step = match (binds && begin.is_none(), &self.statements, &context) {
+            (true, Some(s), Some((mapped, local))) if mapped.attribute_count() <= MAX_FLAT => {
+                Some(Step::Bound(
+                    &s.context_statement(mapped).name,
+                    mapped.flat_text_params(*local),
+                ))
+            }
+            (true, Some(s), None) => Some(Step::Prepared(&s.commit.name)),
+            _ => None,
+        };
+        // Injected before the merge below, so that every position precedes the user's
+        // statement, as in a batch with a carrier.
+        inject_error(&mut before, &mut after);
+        let leading = carrier_step.is_some();
+        if let Some(step) = carrier_step {
+            before.push(step);
+            before.append(&mut after);
+        }
+        let anchor = if leading {
+            Anchor::NextBind
+        } else {
+            self.anchor(&carrier)
+        };
+        let batch = Batch::new(
+            anchor,
+            statements(&before),
+            statements(&after),
+            merge && !leading,
+        );
+        Plan::Batch(BatchPlan {
+            batch: Arc::new(batch),
+            carrier,
+            resets,
+            applies,
+            leading,
+        })
+    }
+
+    /// What the next statement needs, from the transaction status: `None` when it goes as
+    /// it is.
+    fn plan_status<'a>(
+        &'a self,
+        st: &mut State,
+        desired: Option<&Arc<Mapped>>,
+        begin: Option<&'a str>,
+    ) -> Option<Draft<'a>> {
         match self.wire.status() {
-            TxStatus::Failed => Plan::Direct,
+            TxStatus::Failed => None,
             TxStatus::InTransaction => {
                 // Statements inside an open transaction run under the context it holds;
                 // only a change needs a context statement (local to the transaction).
@@ -316,45 +419,38 @@ impl Session {
                         .flatten()
                 });
                 let mapped = match (desired, &held) {
-                    (Some(d), Some(h)) if d.same_as(h) => return Plan::Direct,
+                    (Some(d), Some(h)) if d.same_as(h) => return None,
                     (Some(d), _) => d.clone(),
-                    (None, Some(h)) if h.is_cleared() => return Plan::Direct,
+                    (None, Some(h)) if h.is_cleared() => return None,
                     (None, Some(h)) => Arc::new(h.cleared()),
-                    (None, None) => return Plan::Direct,
+                    (None, None) => return None,
                 };
                 if self.config.scope == ContextScope::Session {
                     // The session-wide context is switched at the next idle statement.
                     st.reset_armed = true;
                 }
-                let batch = Batch::new(
-                    self.anchor(&Carrier::Context {
-                        mapped: mapped.clone(),
-                        local: true,
-                    }),
-                    Statements::default(),
-                    Statements::default(),
-                    false,
-                );
-                Plan::Batch(BatchPlan {
-                    batch: Arc::new(batch),
+                Some(Draft {
                     carrier: Carrier::Context {
                         mapped,
                         local: true,
                     },
+                    before: Steps::new(),
+                    after: Steps::new(),
+                    merge: false,
                     resets: false,
                     applies: None,
                 })
             }
-            TxStatus::Idle => self.plan_idle(&mut st, desired, begin),
+            TxStatus::Idle => self.plan_idle(st, desired, begin),
         }
     }
 
-    fn plan_idle(
-        &self,
+    fn plan_idle<'a>(
+        &'a self,
         st: &mut State,
         desired: Option<&Arc<Mapped>>,
-        begin: Option<&str>,
-    ) -> Plan {
+        begin: Option<&'a str>,
+    ) -> Option<Draft<'a>> {
         let session = self.config.scope == ContextScope::Session;
         let holds_desired = match (&st.applied, desired) {
             (None, None) => true,
@@ -389,7 +485,7 @@ impl Session {
                 (carrier, session.then(|| d.clone()))
             }
             _ if resets => (Carrier::Commit, None),
-            _ => return Plan::Direct,
+            _ => return None,
         };
         // A BEGIN goes after the context in extended form: the context statement then
         // belongs to the user's transaction. START TRANSACTION with options must come
@@ -404,16 +500,11 @@ impl Session {
                 false
             }
         };
-        inject_error(&mut before, &mut after);
-        let batch = Batch::new(
-            self.anchor(&carrier),
-            statements(&before),
-            statements(&after),
-            merge,
-        );
-        Plan::Batch(BatchPlan {
-            batch: Arc::new(batch),
+        Some(Draft {
             carrier,
+            before,
+            after,
+            merge,
             resets,
             applies,
         })
@@ -515,14 +606,13 @@ impl Session {
         let mut reset_failed = false;
         let mut st = self.state.lock();
         if let Plan::Batch(p) = plan {
+            let (before_done, carrier_done, after_done) = p.outcome(carrier_ok);
             // Where the reset's COMMIT went: before a transaction-local context, as the
             // carrier, or after a session-wide context (in the same transaction block).
             let reset_done = match p.carrier {
-                Carrier::Commit => p.batch.before_confirmed() && carrier_ok,
-                Carrier::Context { local: true, .. } => p.batch.before_confirmed(),
-                Carrier::Context { local: false, .. } => {
-                    p.batch.before_confirmed() && carrier_ok && p.batch.after_confirmed()
-                }
+                Carrier::Commit => before_done && carrier_done,
+                Carrier::Context { local: true, .. } => before_done,
+                Carrier::Context { local: false, .. } => before_done && carrier_done && after_done,
             };
             if p.resets {
                 if reset_done {
@@ -539,11 +629,11 @@ impl Session {
             }
             if let Some(mapped) = &p.applies {
                 if reset_done || !p.resets {
-                    st.applied = p.batch.after_confirmed().then(|| mapped.clone());
+                    st.applied = after_done.then(|| mapped.clone());
                 }
             }
             if let Carrier::Context { mapped, .. } = &p.carrier {
-                if carrier_ok && self.wire.status() == TxStatus::InTransaction {
+                if carrier_done && self.wire.status() == TxStatus::InTransaction {
                     st.in_transaction = Some(mapped.clone());
                 }
             }
@@ -568,7 +658,8 @@ impl Session {
         // statement inside the user's transaction fails in the user's block, which stays
         // theirs to end.
         let opens_block = p.resets || matches!(p.carrier, Carrier::Context { local: false, .. });
-        let own_done = carrier_ok && p.batch.before_confirmed() && p.batch.after_confirmed();
+        let (before_done, carrier_done, after_done) = p.outcome(carrier_ok);
+        let own_done = before_done && carrier_done && after_done;
         opens_block && !own_done && self.wire.status() == TxStatus::Failed
     }
 

@@ -273,6 +273,23 @@ impl Mapped {
         params
     }
 
+    /// The parameters of [`sync_sql`] in text format, for a statement the wire layer binds
+    /// itself (`local` last, as `true` or `false`).
+    pub(crate) fn flat_text_params(&self, local: bool) -> Vec<&str> {
+        let mut params = vec![
+            self.role.as_str(),
+            &self.end_user,
+            &self.data_roles,
+            &self.attributes,
+        ];
+        for (name, value) in self.names.iter().zip(&self.values) {
+            params.push(name);
+            params.push(value);
+        }
+        params.push(if local { "true" } else { "false" });
+        params
+    }
+
     /// The parameters of [`SYNC_ANY_SQL`].
     pub(crate) fn any_params(&self, local: &'static bool) -> [&(dyn ToSql + Sync); 7] {
         [

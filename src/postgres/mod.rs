@@ -85,7 +85,7 @@ macro_rules! statement_methods {
             T: ?Sized + ToStatement,
         {
             let statement = self.resolve(statement).await?;
-            self.run(|c| c.query(&statement, params)).await
+            self.run_bound(|c| c.query(&statement, params)).await
         }
 
         /// Like `tokio_postgres::Client::query_one`.
@@ -98,7 +98,7 @@ macro_rules! statement_methods {
             T: ?Sized + ToStatement,
         {
             let statement = self.resolve(statement).await?;
-            self.run(|c| c.query_one(&statement, params)).await
+            self.run_bound(|c| c.query_one(&statement, params)).await
         }
 
         /// Like `tokio_postgres::Client::query_opt`.
@@ -111,7 +111,7 @@ macro_rules! statement_methods {
             T: ?Sized + ToStatement,
         {
             let statement = self.resolve(statement).await?;
-            self.run(|c| c.query_opt(&statement, params)).await
+            self.run_bound(|c| c.query_opt(&statement, params)).await
         }
 
         /// Like `tokio_postgres::Client::execute`.
@@ -124,7 +124,7 @@ macro_rules! statement_methods {
             T: ?Sized + ToStatement,
         {
             let statement = self.resolve(statement).await?;
-            self.run(|c| c.execute(&statement, params)).await
+            self.run_bound(|c| c.execute(&statement, params)).await
         }
 
         /// Like `tokio_postgres::Client::execute_raw`.
@@ -136,7 +136,8 @@ macro_rules! statement_methods {
             I::IntoIter: ExactSizeIterator,
         {
             let statement = self.resolve(statement).await?;
-            self.run_single(|c| c.execute_raw(&statement, params)).await
+            self.run_single_bound(|c| c.execute_raw(&statement, params))
+                .await
         }
 
         /// Like `tokio_postgres::Client::query_typed`: one unnamed statement, no prepare

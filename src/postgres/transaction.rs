@@ -54,15 +54,24 @@ impl<'a> Transaction<'a> {
         self.wrapper.run(op).await
     }
 
-    /// [`run`](Self::run) for an operation that cannot be sent twice.
-    async fn run_single<'s, R, Fut>(
+    /// [`run`](Self::run) for an operation whose request binds a prepared statement.
+    async fn run_bound<'s, R, Fut>(&'s self, op: impl FnMut(&'s Client) -> Fut) -> Result<R, Error>
+    where
+        Fut: Future<Output = Result<R, Error>>,
+    {
+        self.wrapper.run_bound(op).await
+    }
+
+    /// For an operation that cannot be sent twice, is not a stream, and whose request
+    /// binds a prepared statement.
+    async fn run_single_bound<'s, R, Fut>(
         &'s self,
         op: impl FnOnce(&'s Client) -> Fut,
     ) -> Result<R, Error>
     where
         Fut: Future<Output = Result<R, Error>>,
     {
-        self.wrapper.run_once(false, op).await
+        self.wrapper.run_single_bound(op).await
     }
 
     async fn resolve<T: ?Sized + ToStatement>(&self, statement: &T) -> Result<Statement, Error> {
@@ -105,7 +114,7 @@ impl<'a> Transaction<'a> {
     {
         let s = self.resolve(statement).await?;
         self.wrapper
-            .run_once(true, |c| c.query_raw(&s, params))
+            .run_once(true, true, |c| c.query_raw(&s, params))
             .await
     }
 
@@ -116,7 +125,7 @@ impl<'a> Transaction<'a> {
         U: bytes::Buf + 'static + Send,
     {
         let s = self.resolve(statement).await?;
-        self.wrapper.run_as(true, |c| c.copy_in(&s)).await
+        self.wrapper.run_as(true, true, |c| c.copy_in(&s)).await
     }
 
     /// Like [`tokio_postgres::Transaction::copy_out`].
@@ -125,7 +134,7 @@ impl<'a> Transaction<'a> {
         T: ?Sized + ToStatement,
     {
         let s = self.resolve(statement).await?;
-        self.wrapper.run_as(true, |c| c.copy_out(&s)).await
+        self.wrapper.run_as(true, true, |c| c.copy_out(&s)).await
     }
 
     /// Commits the transaction (releases the savepoint).

@@ -158,6 +158,30 @@ pub(crate) fn prepared_statement(out: &mut BytesMut, name: &str) {
     });
 }
 
+/// Bind (unnamed portal) of the prepared statement `name` with these parameters, all in
+/// text format, + Execute.
+pub(crate) fn bound_statement<'a>(
+    out: &mut BytesMut,
+    name: &str,
+    params: impl ExactSizeIterator<Item = &'a str>,
+) {
+    frame(out, front::BIND, |b| {
+        cstr(b, "");
+        cstr(b, name);
+        b.put_i16(0);
+        b.put_i16(i16::try_from(params.len()).unwrap_or(i16::MAX));
+        for p in params {
+            b.put_i32(i32::try_from(p.len()).unwrap_or(i32::MAX));
+            b.put_slice(p.as_bytes());
+        }
+        b.put_i16(0);
+    });
+    frame(out, front::EXECUTE, |b| {
+        cstr(b, "");
+        b.put_i32(0);
+    });
+}
+
 /// A Sync frame.
 pub(crate) fn sync(out: &mut BytesMut) {
     frame(out, front::SYNC, |_| {});

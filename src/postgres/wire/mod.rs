@@ -77,6 +77,9 @@ impl TxStatus {
 /// How the anchor request of a [`Batch`] is recognised in the frontend stream.
 #[derive(Debug, Clone)]
 pub(crate) enum Anchor {
+    /// The next request that starts with a Bind: the user's own request, when the batch
+    /// holds all of the pool's statements.
+    NextBind,
     /// A Bind of this prepared statement (its server-side name).
     Named(String),
     /// A Parse of the unnamed statement with exactly this text.
@@ -88,6 +91,7 @@ impl Anchor {
     /// frame's body; `complete` says whether it is all of it.
     fn matches(&self, tag: u8, body: &[u8]) -> bool {
         match (self, tag) {
+            (Self::NextBind, frame::front::BIND) => true,
             (Self::Named(name), frame::front::BIND) => frame::split_cstr(body)
                 .and_then(|(_portal, rest)| frame::split_cstr(rest))
                 .is_some_and(|(stmt, _)| stmt == name.as_bytes()),
@@ -102,6 +106,7 @@ impl Anchor {
     /// How many body bytes decide [`matches`](Self::matches).
     fn decisive_len(&self) -> usize {
         match self {
+            Self::NextBind => 0,
             Self::Named(name) => name.len() + 2 + 1,
             Self::Unnamed(text) => text.len() + 2 + 1,
         }
@@ -132,6 +137,8 @@ pub(crate) struct Batch {
     before_done: AtomicU32,
     after_done: AtomicU32,
     matched: AtomicBool,
+    /// The anchor (its Sync kept) had an error whose ReadyForQuery is still to come.
+    anchor_errored: AtomicBool,
 }
 
 /// Builds the statements of a [`Batch`].
@@ -154,6 +161,17 @@ impl Statements {
         frame::prepared_statement(&mut self.bytes, name);
         self.count += 1;
     }
+
+    /// Appends one statement prepared at connect under `name`, bound to these text
+    /// parameters.
+    pub(crate) fn push_bound<'a>(
+        &mut self,
+        name: &str,
+        params: impl ExactSizeIterator<Item = &'a str>,
+    ) {
+        frame::bound_statement(&mut self.bytes, name, params);
+        self.count += 1;
+    }
 }
 
 impl Batch {
@@ -172,6 +190,7 @@ impl Batch {
             before_done: AtomicU32::new(0),
             after_done: AtomicU32::new(0),
             matched: AtomicBool::new(false),
+            anchor_errored: AtomicBool::new(false),
         }
     }
 
@@ -179,6 +198,11 @@ impl Batch {
     pub(crate) fn before_confirmed(&self) -> bool {
         self.matched.load(Ordering::Acquire)
             && self.before_done.load(Ordering::Acquire) == self.before_steps
+    }
+
+    /// Whether the layer found the anchor request and wrote the batch before it.
+    pub(crate) fn matched(&self) -> bool {
+        self.matched.load(Ordering::Acquire)
     }
 
     /// Whether every statement after the anchor completed.

@@ -31,7 +31,7 @@ pub(crate) enum Expect {
     /// ReadyForQuery of ours follows when its Sync was removed.
     Anchor { batch: Arc<Batch> },
     /// The real ReadyForQuery of an anchor whose Sync was kept.
-    AnchorReady,
+    AnchorReady { batch: Arc<Batch> },
     /// A Sync or simple query of ours: everything swallowed up to its ReadyForQuery.
     OursReady { own: Option<Arc<OwnQuery>> },
 }
@@ -235,7 +235,7 @@ impl Reader {
                 }
                 pass(head, body, out);
             }
-            Some(Expect::AnchorReady) | None => {
+            Some(Expect::AnchorReady { .. }) | None => {
                 return Err(protocol("a command completion nobody asked for"));
             }
         }
@@ -289,8 +289,15 @@ impl Reader {
                     own.failed.store(true, Ordering::Release);
                 }
             }
-            Some(Expect::Anchor { .. }) => {
-                // The anchor is answered; the server now skips to the next Sync.
+            Some(Expect::Anchor { batch }) => {
+                // The anchor is answered; the server now skips to the next Sync. When its
+                // Sync was kept, the request (the user's own, a stream perhaps) is over
+                // at this error, though its ReadyForQuery is still to come.
+                if batch.merged.load(Ordering::Acquire) == super::MERGED_NO
+                    && !batch.anchor_errored.swap(true, Ordering::AcqRel)
+                {
+                    shared.errored_open.fetch_add(1, Ordering::AcqRel);
+                }
                 pass(head, &body, out);
                 self.end_anchor(out, shared)?;
                 self.skipping = Some(None);
@@ -306,7 +313,7 @@ impl Reader {
                 pass(head, &body, out);
             }
             Some(Expect::Startup) => pass(head, &body, out),
-            Some(Expect::AnchorReady) | None => {
+            Some(Expect::AnchorReady { .. }) | None => {
                 return Err(protocol("an error nobody asked for"));
             }
         }
@@ -343,7 +350,8 @@ impl Reader {
                             done.fetch_add(1, Ordering::AcqRel);
                         }
                     }
-                    Expect::AnchorReady => {
+                    Expect::AnchorReady { batch } => {
+                        close_anchor_errored(&batch, shared);
                         pass(head, body, out);
                         done.fetch_add(1, Ordering::AcqRel);
                         break;
@@ -381,7 +389,8 @@ impl Reader {
                     pass(head, body, out);
                     done.fetch_add(1, Ordering::AcqRel);
                 }
-                Some(Expect::AnchorReady) => {
+                Some(Expect::AnchorReady { batch }) => {
+                    close_anchor_errored(&batch, shared);
                     pass(head, body, out);
                     done.fetch_add(1, Ordering::AcqRel);
                 }
@@ -394,6 +403,14 @@ impl Reader {
         }
         shared.answered.notify_waiters();
         Ok(())
+    }
+}
+
+/// An anchor whose Sync was kept is answered: if it had an error, it no longer counts as
+/// ended early.
+fn close_anchor_errored(batch: &Batch, shared: &Shared) {
+    if batch.anchor_errored.swap(false, Ordering::AcqRel) {
+        shared.errored_open.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

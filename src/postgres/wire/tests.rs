@@ -948,6 +948,9 @@ fn ours() -> impl Strategy<Value = Ours> {
 #[derive(Debug, Clone)]
 struct BatchCase {
     unnamed: bool,
+    /// The anchor is the next request that starts with a Bind (the user's own request,
+    /// the batch holding the pool's statements); `unnamed` is then false.
+    next_bind: bool,
     before: Vec<Ours>,
     after: Vec<Ours>,
     merge: bool,
@@ -990,6 +993,7 @@ fn batch_case() -> impl Strategy<Value = BatchCase> {
             prop::bool::weighted(0.8),
             word,
             follower,
+            prop::bool::weighted(0.3),
         ),
         (
             fail,
@@ -1002,11 +1006,12 @@ fn batch_case() -> impl Strategy<Value = BatchCase> {
     )
         .prop_map(
             |(
-                (unnamed, before, after, merge, word, follower),
+                (unnamed, before, after, merge, word, follower, next_bind),
                 (fail, fail_at, anchor_rows, statuses, pre, post),
             )| {
                 let mut case = BatchCase {
                     unnamed,
+                    next_bind,
                     before,
                     after,
                     merge,
@@ -1028,6 +1033,11 @@ fn batch_case() -> impl Strategy<Value = BatchCase> {
 impl BatchCase {
     /// Keeps the case one a session can produce.
     fn normalize(&mut self) {
+        if self.next_bind {
+            // Armed right before the user's request: nothing of the handle comes between.
+            self.unnamed = false;
+            self.pre.clear();
+        }
         // A session that says a follower is coming (or says nothing) sends one.
         if self.merge
             && self.follower == Follower::Absent
@@ -1062,6 +1072,8 @@ impl BatchCase {
         assert_eq!(after.count as usize, self.after.len());
         let anchor = if self.unnamed {
             Anchor::Unnamed(ANCHOR_SQL)
+        } else if self.next_bind {
+            Anchor::NextBind
         } else {
             Anchor::Named(ANCHOR_NAME.to_owned())
         };
@@ -1441,6 +1453,7 @@ fn basic(fail: Fail, follower: Follower, word: Word) -> BatchCase {
     };
     let mut case = BatchCase {
         unnamed: false,
+        next_bind: false,
         before: vec![stmt("RESET ALL"), stmt("RESET ROLE")],
         after: vec![stmt("COMMIT")],
         merge: true,

@@ -334,7 +334,7 @@ impl Writer {
             }
             batch.merged.store(MERGED_NO, Ordering::Release);
             frame::sync(out);
-            reader.expects.push_back(Expect::AnchorReady);
+            reader.expects.push_back(Expect::AnchorReady { batch });
         }
     }
 
