@@ -22,7 +22,12 @@
 //! (by [`transaction`](super::ClientWrapper::transaction), in SQL text, in a
 //! multi-statement string) turns that transaction into the user's own, still under the
 //! context; statements inside it need no context statement of their own. The status byte
-//! of ReadyForQuery says when it ended. In session scope the context statement
+//! of ReadyForQuery says when it ended. When the user's request binds a prepared statement
+//! (its first frame is a Bind), the whole batch rides on that request: the wire layer
+//! binds the context statement itself, in text format, and writes it with the reset in
+//! front of the request; other requests (`query_typed`, simple queries, `BEGIN`) carry the
+//! batch on a context statement sent through tokio-postgres, merged with them under one
+//! Sync. In session scope the context statement
 //! (`set_config(…, false)`) joins the reset's transaction block, and the context counts as
 //! applied only once the server answered the block's `COMMIT`.
 
