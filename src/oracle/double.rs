@@ -246,8 +246,11 @@ impl Session for Recorder {
     }
 
     fn rollback(&mut self) -> Result<(), OracleError> {
+        // Decided before the call is recorded: a test that sees the call and then changes
+        // the script must not change this call's outcome.
+        let fail = self.script.lock().fail_rollback;
         self.record(Op::Rollback);
-        match self.script.lock().fail_rollback {
+        match fail {
             Some(f) => Err(f.error()),
             None => Ok(()),
         }
