@@ -257,37 +257,39 @@ impl Mapped {
         self.names.len()
     }
 
-    /// The parameters of [`sync_sql`] for this context's attribute count.
-    pub(crate) fn flat_params(&self, local: &'static bool) -> Vec<&(dyn ToSql + Sync)> {
-        let mut params: Vec<&(dyn ToSql + Sync)> = vec![
+    /// The values of [`sync_sql`] for this context's attribute count, `local` aside: the
+    /// four settings, then each attribute's name and value.
+    fn flat_values(&self) -> impl Iterator<Item = &String> {
+        [
             &self.role,
             &self.end_user,
             &self.data_roles,
             &self.attributes,
-        ];
-        for (name, value) in self.names.iter().zip(&self.values) {
-            params.push(name);
-            params.push(value);
-        }
-        params.push(local);
-        params
+        ]
+        .into_iter()
+        .chain(
+            self.names
+                .iter()
+                .zip(&self.values)
+                .flat_map(|(name, value)| [name, value]),
+        )
+    }
+
+    /// The parameters of [`sync_sql`] for this context's attribute count.
+    pub(crate) fn flat_params(&self, local: &'static bool) -> Vec<&(dyn ToSql + Sync)> {
+        self.flat_values()
+            .map(|v| v as &(dyn ToSql + Sync))
+            .chain(std::iter::once(local as &(dyn ToSql + Sync)))
+            .collect()
     }
 
     /// The parameters of [`sync_sql`] in text format, for a statement the wire layer binds
     /// itself (`local` last, as `true` or `false`).
     pub(crate) fn flat_text_params(&self, local: bool) -> Vec<&str> {
-        let mut params = vec![
-            self.role.as_str(),
-            &self.end_user,
-            &self.data_roles,
-            &self.attributes,
-        ];
-        for (name, value) in self.names.iter().zip(&self.values) {
-            params.push(name);
-            params.push(value);
-        }
-        params.push(if local { "true" } else { "false" });
-        params
+        self.flat_values()
+            .map(String::as_str)
+            .chain(std::iter::once(if local { "true" } else { "false" }))
+            .collect()
     }
 
     /// The parameters of [`SYNC_ANY_SQL`].
