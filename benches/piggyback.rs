@@ -52,7 +52,7 @@ use std::time::{Duration, Instant};
 
 use ctxpool::SecurityContext;
 use ctxpool::postgres::{ContextScope, Pool};
-use ctxpool::testing::FlightProxy;
+use ctxpool_testkit::FlightProxy;
 use deadpool_postgres::RecyclingMethod;
 use raw::RawConn;
 use support::interleave::{Interleaver, Report};
@@ -269,7 +269,7 @@ struct Expected {
 /// Creates the baseline login from the settings ctxpool applies for alice, and checks
 /// that it is a faithful baseline: the same settings, the same rows, and rows that differ
 /// from a plain hr_app session's.
-fn set_up(rt: &Runtime, cluster: &ctxpool::testing::PgCluster) -> Expected {
+fn set_up(rt: &Runtime, cluster: &ctxpool_testkit::PgCluster) -> Expected {
     let url_app = url(cluster.port(), "hr_app");
     let probe = pool(&url_app, ContextScope::Transaction, 1);
     let (settings, alice_rows, bob_rows, plain_rows) = rt.block_on(async {

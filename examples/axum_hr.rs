@@ -397,7 +397,7 @@ async fn main() {
     let (_cluster, url) = match std::env::var("DATABASE_URL") {
         Ok(admin) => (None, set_up(&admin).await),
         Err(_) => {
-            let cluster = match ctxpool::testing::PgCluster::start() {
+            let cluster = match ctxpool_testkit::PgCluster::start() {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("axum_hr: could not start a throwaway PostgreSQL: {e}");

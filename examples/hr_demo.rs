@@ -11,8 +11,8 @@ use ctxpool::postgres::{
     Config, ContextConfig, ContextScope, ManagerConfig, Pool, PoolConfig, RecyclingMethod,
     RoleMapping, Runtime,
 };
-use ctxpool::testing::{ClusterError, PgCluster};
 use ctxpool::{EndUserIdentity, SecurityContext};
+use ctxpool_testkit::{ClusterError, PgCluster};
 use serde_json::json;
 use tokio_postgres::NoTls;
 

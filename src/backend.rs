@@ -3,7 +3,7 @@
 //! The pool is generic over [`Backend`]. A backend opens connections and vouches for them;
 //! each connection implements [`Connection`], the half the pool drives on every checkout.
 //! The PostgreSQL backend is in [`crate::postgres`] (feature `postgres`), the in-process
-//! model used by property tests in `ctxpool::testing` (feature `testing`).
+//! model the property tests use is in ctxpool's test kit (`tests/kit`, never published).
 //!
 //! # The invariant a backend upholds
 //! The pool hands out a connection and takes it back; a backend makes these promises, and

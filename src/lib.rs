@@ -37,17 +37,14 @@
 //!   of the end user named by its `identity` cookie or `Authorization: Bearer` header.
 //! - `oracle` (feature `oracle`): the Oracle AI Database 26ai backend, on the server's own
 //!   Deep Data Security end-user security context.
-//! - `testing` (feature `testing`): an in-process backend that models server session
-//!   state, with fault injection, for property tests and benches.
 //!
 //! Dependencies point one way: backends and providers depend on the core, never the reverse.
 //!
 //! ## Quick start (in-process backend)
 //! ```
-//! # #[cfg(feature = "testing")]
 //! # tokio_test_block_on(async {
 //! use ctxpool::{EndUserIdentity, Pool, SecurityContext};
-//! use ctxpool::testing::{MemBackend, MemServer, Statement};
+//! use ctxpool_testkit::{MemBackend, MemServer, Statement};
 //!
 //! let server = MemServer::new();
 //! let pool = Pool::builder(MemBackend::new(server.clone())).max_size(4).build()?;
@@ -64,7 +61,6 @@
 //! assert_eq!(plain.execute(Statement::Query).await?.end_user, None);
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! # }).unwrap();
-//! # #[cfg(feature = "testing")]
 //! # fn tokio_test_block_on<F: std::future::Future>(f: F) -> F::Output {
 //! #     tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(f)
 //! # }
@@ -84,9 +80,10 @@ pub mod postgres;
 pub mod provider;
 #[cfg(feature = "providers")]
 pub mod providers;
+#[cfg(feature = "sabotage")]
+#[doc(hidden)]
+pub mod sabotage;
 pub mod scope;
-#[cfg(feature = "testing")]
-pub mod testing;
 
 pub use backend::{Backend, Connection, DiscardReason};
 pub use context::{ContextError, EndUserIdentity, SecurityContext};

@@ -8,7 +8,6 @@
 //! least-privileged connection, with no error.
 //!
 //! ```
-//! # #[cfg(feature = "testing")]
 //! # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
 //! use ctxpool::scope::{self, EndUserScope};
 //! use ctxpool::EndUserIdentity;

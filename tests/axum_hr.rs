@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use axum_hr::{Employee, USERS, User};
-use ctxpool::testing::{FlightProxy, PgCluster};
+use ctxpool_testkit::{FlightProxy, PgCluster};
 use reqwest::StatusCode;
 use serde_json::Value;
 use support::hr_cluster;

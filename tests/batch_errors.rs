@@ -2,7 +2,7 @@
 //! statement, and an error at any position of a batch stops the user's statement, reaches
 //! its caller, and leaves nothing waiting.
 //!
-//! The error is injected with `ctxpool::testing::sabotage::inject_error_at`, which is
+//! The error is injected with `ctxpool_testkit::sabotage::inject_error_at`, which is
 //! process-wide: this file is a test binary of its own, and its one test runs the cases in
 //! turn.
 
@@ -11,8 +11,8 @@ mod support;
 use std::time::Duration;
 
 use ctxpool::postgres::{ContextScope, Pool};
-use ctxpool::testing::sabotage::inject_error_at;
-use ctxpool::testing::{FlightProxy, PgCluster};
+use ctxpool_testkit::sabotage::inject_error_at;
+use ctxpool_testkit::{FlightProxy, PgCluster};
 use support::*;
 
 /// SQLSTATE of the injected statement (division by zero).

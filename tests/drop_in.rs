@@ -81,7 +81,7 @@ async fn service(pool: &Pool) -> Result<i64, ServiceError> {
 
 #[tokio::test]
 async fn a_deadpool_postgres_service_runs_unchanged() {
-    let cluster = ctxpool::testing::PgCluster::start().unwrap_or_else(|e| panic!("{e}"));
+    let cluster = ctxpool_testkit::PgCluster::start().unwrap_or_else(|e| panic!("{e}"));
     let url = cluster.url("postgres", "postgres");
     assert_eq!(readme_example(&url).await.unwrap(), 10);
     let pool = build_by_hand(&url);

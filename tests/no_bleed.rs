@@ -7,10 +7,10 @@
 
 use std::sync::{Arc, Mutex};
 
-use ctxpool::testing::{MemBackend, MemError, MemServer, Observation, Statement};
 use ctxpool::{
     ContextRequest, EndUserIdentity, Pool, SecurityContext, provider::StaticTokenProvider,
 };
+use ctxpool_testkit::{MemBackend, MemError, MemServer, Observation, Statement};
 use proptest::prelude::*;
 
 #[path = "support/poll.rs"]

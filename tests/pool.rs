@@ -9,11 +9,11 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use ctxpool::pool::TimeoutType;
-use ctxpool::testing::{MemBackend, MemError, MemServer, Statement};
 use ctxpool::{
     ContextProvider, ContextRequest, EndUserIdentity, Pool, PoolError, ProviderError,
     SecurityContext, Timeouts,
 };
+use ctxpool_testkit::{MemBackend, MemError, MemServer, Statement};
 use metrics::{Counter, Gauge, Histogram, Key, KeyName, Metadata, Recorder, SharedString, Unit};
 
 // ---- helpers -------------------------------------------------------------------------

@@ -1,12 +1,12 @@
 //! Live PostgreSQL tests of the backend: isolation under RLS in both scopes, fail closed,
 //! round trips counted on the wire, and every way a checkout can leave a session dirty.
-//! Each test starts its own throwaway cluster (see `ctxpool::testing::PgCluster`).
+//! Each test starts its own throwaway cluster (see `ctxpool_testkit::PgCluster`).
 
 mod support;
 
 use ctxpool::postgres::{ContextScope, MappingError, PoolError};
-use ctxpool::testing::FlightProxy;
 use ctxpool::{EndUserIdentity, SecurityContext};
+use ctxpool_testkit::FlightProxy;
 use support::*;
 use tokio_postgres::NoTls;
 

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use ctxpool::SecurityContext;
 use ctxpool::postgres::ContextScope;
-use ctxpool::testing::PgBouncer;
+use ctxpool_testkit::PgBouncer;
 use support::*;
 
 /// The expected rows of each identity (`None`: a plain handle).

@@ -1,5 +1,5 @@
 //! The live property of `tests/postgres_property.rs` must fail when the pool's safety is
-//! switched off: with `ctxpool::testing::sabotage::skip_reset` (no session reset) and with
+//! switched off: with `ctxpool_testkit::sabotage::skip_reset` (no session reset) and with
 //! `ignore_status` (connections taken back whatever their transaction status), each on
 //! its own, the same runner must find a violation within a bounded number of cases and
 //! shrink it. The switches are process-wide, hence a binary of their own; its tests take
@@ -11,7 +11,7 @@ mod support;
 
 use std::sync::Mutex;
 
-use ctxpool::testing::sabotage;
+use ctxpool_testkit::sabotage;
 use proptest::prelude::ProptestConfig;
 use proptest::test_runner::TestError;
 

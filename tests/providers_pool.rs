@@ -4,8 +4,8 @@
 
 use ctxpool::providers::EndUserSecProvider;
 use ctxpool::providers::config::EndUserSecParams;
-use ctxpool::testing::{MemBackend, MemServer};
 use ctxpool::{ContextRequest, EndUserIdentity, Pool, PoolError, ProviderError, SecurityContext};
+use ctxpool_testkit::{MemBackend, MemServer};
 use serde_json::json;
 use wiremock::matchers::{body_string_contains, method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};

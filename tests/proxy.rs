@@ -8,7 +8,7 @@ use std::sync::mpsc::{self, Receiver};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use ctxpool::testing::FlightProxy;
+use ctxpool_testkit::FlightProxy;
 
 /// Upper bound for every wait, so a broken proxy fails the test instead of hanging it.
 const LIMIT: Duration = Duration::from_secs(5);

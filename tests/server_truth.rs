@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use ctxpool::SecurityContext;
 use ctxpool::postgres::{Client, ClientWrapper, ContextScope, Pool};
-use ctxpool::testing::PgCluster;
+use ctxpool_testkit::PgCluster;
 use futures_util::{FutureExt, StreamExt, TryStreamExt};
 use support::*;
 use tokio_postgres::{Error, IsolationLevel, SimpleQueryMessage};

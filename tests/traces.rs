@@ -8,10 +8,10 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use ctxpool::provider::StaticTokenProvider;
-use ctxpool::testing::{MemBackend, MemServer, Statement};
 use ctxpool::{
     ContextProvider, ContextRequest, EndUserIdentity, Pool, ProviderError, SecurityContext,
 };
+use ctxpool_testkit::{MemBackend, MemServer, Statement};
 
 struct FailingProvider;
 

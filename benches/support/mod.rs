@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use criterion::{BenchmarkGroup, Criterion, measurement::WallTime};
 use ctxpool::postgres::{ContextScope, Pool};
-use ctxpool::testing::PgCluster;
+use ctxpool_testkit::PgCluster;
 
 // `median_ns` serves the benches whose ratios come from criterion's estimates alone.
 #[allow(dead_code)]

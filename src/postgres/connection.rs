@@ -268,19 +268,19 @@ fn statements(steps: &[Step<'_>]) -> Statements {
 
 /// Test builds: a failing statement at the position the sabotage switch names, counted
 /// over the statements before the anchor and then those after it.
-#[cfg(feature = "testing")]
+#[cfg(feature = "sabotage")]
 fn inject_error(before: &mut Steps<'_>, after: &mut Steps<'_>) {
-    let Some(at) = crate::testing::sabotage::injected_error_position() else {
+    let Some(at) = crate::sabotage::injected_error_position() else {
         return;
     };
-    let failing = Step::Text(crate::testing::sabotage::INJECTED_ERROR_SQL);
+    let failing = Step::Text(crate::sabotage::INJECTED_ERROR_SQL);
     if at <= before.len() {
         before.insert(at, failing);
     } else if at - before.len() - 1 <= after.len() {
         after.insert(at - before.len() - 1, failing);
     }
 }
-#[cfg(not(feature = "testing"))]
+#[cfg(not(feature = "sabotage"))]
 fn inject_error(_: &mut Steps<'_>, _: &mut Steps<'_>) {}
 
 /// A batch being planned: the pool's statements around the carrier.
@@ -708,19 +708,19 @@ impl PoolStatements {
     }
 }
 
-#[cfg(feature = "testing")]
+#[cfg(feature = "sabotage")]
 fn sabotaged_reset() -> bool {
-    crate::testing::sabotage::reset_skipped()
+    crate::sabotage::reset_skipped()
 }
-#[cfg(not(feature = "testing"))]
+#[cfg(not(feature = "sabotage"))]
 fn sabotaged_reset() -> bool {
     false
 }
-#[cfg(feature = "testing")]
+#[cfg(feature = "sabotage")]
 pub(crate) fn sabotaged_status() -> bool {
-    crate::testing::sabotage::status_ignored()
+    crate::sabotage::status_ignored()
 }
-#[cfg(not(feature = "testing"))]
+#[cfg(not(feature = "sabotage"))]
 pub(crate) fn sabotaged_status() -> bool {
     false
 }

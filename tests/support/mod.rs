@@ -8,8 +8,8 @@ pub mod poll;
 use ctxpool::postgres::{
     Config, ContextConfig, ContextScope, ManagerConfig, Pool, RecyclingMethod, RoleMapping, Runtime,
 };
-use ctxpool::testing::PgCluster;
 use ctxpool::{EndUserIdentity, SecurityContext};
+use ctxpool_testkit::PgCluster;
 use serde_json::json;
 use tokio_postgres::NoTls;
 

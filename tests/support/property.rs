@@ -33,8 +33,8 @@ use ctxpool::pool::QueueMode;
 use ctxpool::postgres::{
     Config, ContextScope, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime,
 };
-use ctxpool::testing::PgCluster;
 use ctxpool::{EndUserIdentity, SecurityContext};
+use ctxpool_testkit::PgCluster;
 use futures_util::StreamExt;
 use proptest::prelude::*;
 use proptest::test_runner::{TestError, TestRunner};

@@ -1,4 +1,4 @@
-//! The throwaway PostgreSQL cluster and PgBouncer harness (`ctxpool::testing::PgCluster`).
+//! The throwaway PostgreSQL cluster and PgBouncer harness (`ctxpool_testkit::PgCluster`).
 //!
 //! Needs PostgreSQL and PgBouncer installed (`apt-get install -y postgresql pgbouncer`);
 //! without them the test fails, saying so.
@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use ctxpool::testing::{ClusterError, PgBouncer, PgCluster};
+use ctxpool_testkit::{ClusterError, PgBouncer, PgCluster};
 
 /// Starts a cluster or fails the test with the harness's message (which names the
 /// install command when PostgreSQL is missing).

@@ -4,9 +4,9 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use crate::backend::{Backend, DiscardReason};
+use ctxpool::backend::{Backend, DiscardReason};
 
-use super::connection::MemConnection;
+use crate::mem_connection::MemConnection;
 
 /// Errors of the in-process backend, named after what a real server would say.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -2,10 +2,10 @@
 
 use std::fmt;
 
-use crate::backend::{Connection, DiscardReason};
-use crate::context::SecurityContext;
+use ctxpool::backend::{Connection, DiscardReason};
+use ctxpool::context::SecurityContext;
 
-use super::server::{MemError, MemServer, SessionCell, TxStatus, lock};
+use crate::mem_server::{MemError, MemServer, SessionCell, TxStatus, lock};
 
 /// A statement of the model's tiny language.
 #[derive(Debug, Clone, PartialEq, Eq)]
