@@ -70,6 +70,8 @@
 
 pub mod backend;
 pub mod context;
+#[cfg(any(feature = "postgres", feature = "providers"))]
+mod jwt;
 #[cfg(feature = "tower")]
 pub mod middleware;
 #[cfg(feature = "oracle")]

@@ -6,7 +6,9 @@
 //! roles and attributes, which a [`ContextRequest`] may override per request. The trait is
 //! object-safe so that any identity provider can be plugged in.
 
+use std::any::Any;
 use std::fmt;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use serde_json::Value;
@@ -32,6 +34,39 @@ pub struct ContextRequest {
     /// need not look at it: the pool applies it after completion, and the backend's
     /// allow-list still decides whether the elevated context may be attached.
     pub extra_data_roles: Vec<String>,
+    /// When the pool stops waiting for the provider (its apply timeout), set by the pool
+    /// before it calls the provider: a provider that retries fits its attempts and backoff
+    /// before it, so that its own error (what was tried, what failed last) reaches the
+    /// caller instead of a bare timeout. An earlier deadline set by the caller is kept.
+    pub deadline: Option<tokio::time::Instant>,
+    /// Evidence that the identity's token was already verified for this request, e.g. by
+    /// the tower layer's token check, so that the provider need not verify it again. A
+    /// provider uses only evidence it recognises as its own validator's.
+    pub verification: Option<Verification>,
+}
+
+/// Evidence of an earlier token verification, opaque to the core: whoever verified
+/// stores what it verified, and only a provider that knows the type can read it back.
+#[derive(Clone)]
+pub struct Verification(Arc<dyn Any + Send + Sync>);
+
+impl Verification {
+    /// Wraps `evidence`.
+    pub fn new<T: Any + Send + Sync>(evidence: T) -> Self {
+        Self(Arc::new(evidence))
+    }
+
+    /// The evidence, if it is a `T`.
+    pub fn downcast_ref<T: Any>(&self) -> Option<&T> {
+        self.0.downcast_ref()
+    }
+}
+
+impl fmt::Debug for Verification {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The evidence may hold claims: personal data.
+        f.write_str("Verification(..)")
+    }
 }
 
 impl ContextRequest {
@@ -42,6 +77,8 @@ impl ContextRequest {
             data_roles: None,
             attributes: None,
             extra_data_roles: Vec::new(),
+            deadline: None,
+            verification: None,
         }
     }
 
@@ -96,17 +133,25 @@ pub trait ContextProvider: Send + Sync + 'static {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ProviderError {
-    /// The identity provider answered with an OAuth error.
-    #[error("the identity provider refused the token request (HTTP {status}, error `{code}`)")]
+    /// The identity provider refused the request (an HTTP 4xx other than 429): wrong or
+    /// unknown client, disabled grant, bad assertion. Not retried; fixing it takes a
+    /// change of configuration or of the user's token.
+    #[error("the identity provider refused the token request (HTTP {status}, {})", describe_code(.code.as_deref()))]
     Refused {
         /// The HTTP status.
         status: u16,
-        /// The OAuth `error` code, e.g. `invalid_client`.
-        code: String,
+        /// The OAuth `error` code, e.g. `invalid_client`; `None` when the answer had none
+        /// (some identity providers answer a wrong secret with a bare 403).
+        code: Option<String>,
     },
-    /// The identity provider could not be reached or answered unusably.
+    /// The identity provider could not be reached or answered unusably (HTTP 5xx, 429,
+    /// transport errors, timeouts, malformed answers); the message says what was tried.
     #[error("the identity provider is unavailable: {0}")]
     Unavailable(String),
+    /// The identity provider's TLS certificate failed a check (named in the message): no
+    /// retry can pass until the trust roots or the server's certificate change.
+    #[error("the identity provider's TLS certificate was refused: {0}")]
+    Certificate(String),
     /// The end user's token was refused by validation.
     #[error("the end-user token is not valid: {0}")]
     InvalidToken(String),
@@ -116,6 +161,13 @@ pub enum ProviderError {
     /// Any other failure of a custom provider.
     #[error("the context provider failed: {0}")]
     Other(Box<dyn std::error::Error + Send + Sync>),
+}
+
+fn describe_code(code: Option<&str>) -> String {
+    match code {
+        Some(code) => format!("error `{code}`"),
+        None => "no OAuth error code".to_owned(),
+    }
 }
 
 /// A provider that completes every request with a fixed database-access token. Meant for

@@ -51,7 +51,7 @@ use std::future::Future;
 use serde_json::Value;
 
 use crate::context::{Attributes, ContextError, EndUserIdentity, check_data_roles};
-use crate::provider::ContextRequest;
+use crate::provider::{ContextRequest, Verification};
 
 tokio::task_local! {
     /// The innermost scope of the running task. A `RefCell` because the setters change it
@@ -66,6 +66,7 @@ struct State {
     data_roles: Option<Vec<String>>,
     attributes: Option<Value>,
     extra_data_roles: Vec<String>,
+    verification: Option<Verification>,
 }
 
 impl State {
@@ -76,6 +77,8 @@ impl State {
             data_roles: self.data_roles.clone(),
             attributes: self.attributes.clone(),
             extra_data_roles: self.extra_data_roles.clone(),
+            deadline: None,
+            verification: self.verification.clone(),
         })
     }
 }
@@ -127,6 +130,7 @@ impl EndUserScope {
                 data_roles: request.data_roles,
                 attributes: request.attributes,
                 extra_data_roles: request.extra_data_roles,
+                verification: request.verification,
             },
         }
     }
@@ -144,6 +148,13 @@ impl EndUserScope {
     /// Attributes for this scope's requests, replacing the provider's configured ones.
     pub fn attributes(mut self, attributes: impl Into<Value>) -> Self {
         self.state.attributes = Some(attributes.into());
+        self
+    }
+
+    /// Evidence that the identity's token was verified (set by the tower layer after its
+    /// token check), handed to the provider with each request of the scope.
+    pub fn verification(mut self, verification: Verification) -> Self {
+        self.state.verification = Some(verification);
         self
     }
 
@@ -190,7 +201,11 @@ fn update(change: impl FnOnce(&mut State)) -> Result<(), ScopeError> {
 /// error at the point it was set rather than at the next acquire.
 pub fn set_end_user_identity(identity: EndUserIdentity) -> Result<(), ScopeError> {
     identity.validate()?;
-    update(|state| state.identity = Some(identity))
+    update(|state| {
+        // Evidence about the previous identity's token says nothing about this one.
+        state.verification = None;
+        state.identity = Some(identity);
+    })
 }
 
 /// Removes the end user from the current scope: `get` gives plain connections again.

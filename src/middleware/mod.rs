@@ -54,6 +54,7 @@ pub use credentials::{
     identity_from_headers,
 };
 
+use crate::provider::Verification;
 use crate::scope::EndUserScope;
 
 /// Checks an end user's token before the request runs, so that an invalid token is a 401
@@ -61,8 +62,11 @@ use crate::scope::EndUserScope;
 /// [`TokenValidator`](crate::providers::validation::TokenValidator) implements it.
 #[async_trait]
 pub trait TokenCheck: Send + Sync + 'static {
-    /// `Ok` if the token may be used.
-    async fn check(&self, token: &SecretString) -> Result<(), TokenRefusal>;
+    /// `Ok` if the token may be used, with evidence of the check if the checker leaves
+    /// any: it reaches the pool's provider with the request
+    /// ([`ContextRequest::verification`](crate::ContextRequest::verification)), so that a
+    /// provider sharing the checker's validator does not verify the token again.
+    async fn check(&self, token: &SecretString) -> Result<Option<Verification>, TokenRefusal>;
 }
 
 /// Why a [`TokenCheck`] refused a token.
@@ -78,10 +82,10 @@ pub enum TokenRefusal {
 #[cfg(feature = "providers")]
 #[async_trait]
 impl TokenCheck for crate::providers::validation::TokenValidator {
-    async fn check(&self, token: &SecretString) -> Result<(), TokenRefusal> {
+    async fn check(&self, token: &SecretString) -> Result<Option<Verification>, TokenRefusal> {
         use crate::providers::validation::ValidationError;
-        match self.validate(token).await {
-            Ok(_) => Ok(()),
+        match self.verify_for_request(token).await {
+            Ok((_, evidence)) => Ok(Some(evidence)),
             Err(ValidationError::Jwks(_)) => Err(TokenRefusal::Unavailable),
             Err(_) => Err(TokenRefusal::Invalid),
         }
@@ -90,7 +94,7 @@ impl TokenCheck for crate::providers::validation::TokenValidator {
 
 #[async_trait]
 impl<T: TokenCheck + ?Sized> TokenCheck for Arc<T> {
-    async fn check(&self, token: &SecretString) -> Result<(), TokenRefusal> {
+    async fn check(&self, token: &SecretString) -> Result<Option<Verification>, TokenRefusal> {
         (**self).check(token).await
     }
 }
@@ -207,12 +211,13 @@ where
                 Ok(identity) => identity,
                 Err(e) => return Ok(refuse(&e)),
             };
+            let mut verification = None;
             if let (Some(check), Some(token)) = (
                 &config.token_check,
                 identity.as_ref().and_then(|i| i.token_secret()),
             ) {
                 match check.check(token).await {
-                    Ok(()) => {}
+                    Ok(evidence) => verification = evidence,
                     Err(TokenRefusal::Invalid) => {
                         return Ok(refuse(&CredentialError::InvalidToken));
                     }
@@ -221,9 +226,12 @@ where
                     }
                 }
             }
-            let scope = match identity {
-                Some(identity) => EndUserScope::new(identity),
-                None => EndUserScope::anonymous(),
+            let scope = match (identity, verification) {
+                (Some(identity), Some(evidence)) => {
+                    EndUserScope::new(identity).verification(evidence)
+                }
+                (Some(identity), None) => EndUserScope::new(identity),
+                (None, _) => EndUserScope::anonymous(),
             };
             // The inner `call` runs inside the scope too: some services do work there.
             scope.run(async move { inner.call(request).await }).await
@@ -306,7 +314,7 @@ mod tests {
     struct RefuseAll;
     #[async_trait]
     impl TokenCheck for RefuseAll {
-        async fn check(&self, _: &SecretString) -> Result<(), TokenRefusal> {
+        async fn check(&self, _: &SecretString) -> Result<Option<Verification>, TokenRefusal> {
             Err(TokenRefusal::Invalid)
         }
     }

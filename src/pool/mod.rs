@@ -171,10 +171,23 @@ impl<B: Backend> Pool<B> {
         request: &ContextRequest,
     ) -> Result<SecurityContext, PoolError<B::Error>> {
         let provider = self.shared.provider.as_ref().ok_or(PoolError::NoProvider)?;
+        let apply = self.shared.config.timeouts.apply;
+        // The provider learns when the pool stops waiting, so that its retries fit inside
+        // the apply timeout (an earlier deadline of the caller's stays).
+        let deadline = tokio::time::Instant::now().checked_add(apply);
+        let request = match (request.deadline, deadline) {
+            (Some(theirs), Some(ours)) if theirs <= ours => std::borrow::Cow::Borrowed(request),
+            _ => {
+                let mut owned = request.clone();
+                owned.deadline = deadline;
+                std::borrow::Cow::Owned(owned)
+            }
+        };
+        let request = request.as_ref();
         let fetch = provider
             .security_context(request)
             .instrument(tracing::debug_span!("ctxpool.apply", identity = %request.identity));
-        match tokio::time::timeout(self.shared.config.timeouts.apply, fetch).await {
+        match tokio::time::timeout(apply, fetch).await {
             Ok(Ok(context)) => elevate(context, &request.extra_data_roles)
                 .map_err(|e| PoolError::Provider(ProviderError::Context(e))),
             Ok(Err(e)) => {

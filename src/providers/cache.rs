@@ -6,13 +6,17 @@
 //!
 //! # Semantics
 //!
-//! - **Expiry.** A fetched token expires at `completion + expires_in - safety_margin`,
-//!   where `completion` is [`tokio::time::Instant::now`] when the fetch returned. A token
-//!   whose `expires_in` is not longer than the margin is handed to the callers of that
-//!   fetch but not cached.
+//! - **Proportional to the lifetime.** The margin and the refresh window are each the
+//!   smaller of their configured duration and a share of the token's lifetime (by default
+//!   60 s or 10 %, 300 s or 25 %), so that together they never take more than 35 % of
+//!   it: a short-lived token is still served from the cache for most of its life.
+//! - **Expiry.** A fetched token expires at `completion + expires_in - margin`, where
+//!   `completion` is [`tokio::time::Instant::now`] when the fetch returned. A token whose
+//!   `expires_in` is not longer than the margin (or zero: lifetime unknown) is handed to
+//!   the callers of that fetch but not cached.
 //! - **Hits.** A cached token is returned only while `now < expires_at`; at or after its
 //!   (margin-adjusted) expiry it is a miss and is never returned.
-//! - **Refresh ahead.** A hit less than `refresh_ahead` before expiry makes that caller
+//! - **Refresh ahead.** A hit less than the refresh window before expiry makes that caller
 //!   fetch a new token (no background task). Callers arriving while that refresh runs get
 //!   the still-valid cached token at once, without waiting. If the refresh fails while the
 //!   cached token is still valid, the caller gets the cached token (the failure is logged
@@ -26,6 +30,16 @@
 //!   an insertion exceeds it, expired per-user entries go first, then the least recently
 //!   used ones. Client-credential entries are one per configured provider and scope set,
 //!   and are not bounded.
+//!
+//! With the defaults and steady use, a token of a given lifetime is fetched this often:
+//!
+//! | `expires_in` | margin | refresh window | served from cache for | fetches per hour |
+//! |--------------|--------|----------------|-----------------------|------------------|
+//! | 60 s         | 6 s    | 15 s           | 39 s                  | ≈ 92             |
+//! | 300 s        | 30 s   | 75 s           | 195 s                 | ≈ 18             |
+//! | 600 s        | 60 s   | 150 s          | 390 s                 | ≈ 9              |
+//! | 3600 s       | 60 s   | 300 s          | 3240 s                | ≈ 1.1            |
+//! | 86400 s      | 60 s   | 300 s          | 86040 s               | ≈ 0.04           |
 
 use std::collections::HashMap;
 use std::fmt;
@@ -122,6 +136,8 @@ pub struct CachedToken {
     pub token: SecretString,
     /// The token is valid while `now < expires_at`.
     pub expires_at: Instant,
+    /// From this instant on, a hit also starts a refresh.
+    pub refresh_at: Instant,
 }
 
 impl fmt::Debug for CachedToken {
@@ -129,6 +145,7 @@ impl fmt::Debug for CachedToken {
         f.debug_struct("CachedToken")
             .field("token", &"<redacted>")
             .field("expires_at", &self.expires_at)
+            .field("refresh_at", &self.refresh_at)
             .finish()
     }
 }
@@ -138,13 +155,24 @@ impl fmt::Debug for CachedToken {
 pub struct CacheOptions {
     /// Subtracted from the token lifetime the identity provider announces, so that a
     /// token is not used so close to its expiry that the database sees it expired (clock
-    /// skew, time in flight). Default 60 s.
+    /// skew, time in flight). At most this much, and at most
+    /// [`safety_margin_percent`](Self::safety_margin_percent) of the lifetime.
+    /// Default 60 s.
     pub safety_margin: Duration,
     /// A hit less than this long before the (margin-adjusted) expiry makes the caller
     /// fetch a new token, so that tokens are replaced before callers have to wait for
-    /// one. Default 300 s. A value not shorter than the token lifetime makes every call
-    /// fetch.
+    /// one. At most this much, and at most
+    /// [`refresh_ahead_percent`](Self::refresh_ahead_percent) of the lifetime. Default
+    /// 300 s.
     pub refresh_ahead: Duration,
+    /// The largest share of a token's lifetime taken as the margin, in percent (capped at
+    /// 100). Default 10.
+    pub safety_margin_percent: u8,
+    /// The largest share of a token's lifetime taken as the refresh window, in percent
+    /// (capped at 100). Default 25. With 100 (and 100 for the margin) the durations apply
+    /// as they are, and a refresh window not shorter than the lifetime makes every call
+    /// fetch.
+    pub refresh_ahead_percent: u8,
     /// The most per-user (on-behalf-of) entries kept; 0 disables caching them. Default
     /// 10 000.
     pub max_user_entries: usize,
@@ -155,8 +183,21 @@ impl Default for CacheOptions {
         Self {
             safety_margin: Duration::from_secs(60),
             refresh_ahead: Duration::from_secs(300),
+            safety_margin_percent: 10,
+            refresh_ahead_percent: 25,
             max_user_entries: 10_000,
         }
+    }
+}
+
+impl CacheOptions {
+    /// The margin and refresh window for a token living `lifetime`.
+    pub fn windows(&self, lifetime: Duration) -> (Duration, Duration) {
+        let share = |percent: u8| lifetime.mul_f64(f64::from(percent.min(100)) / 100.0);
+        (
+            self.safety_margin.min(share(self.safety_margin_percent)),
+            self.refresh_ahead.min(share(self.refresh_ahead_percent)),
+        )
     }
 }
 
@@ -370,8 +411,7 @@ impl TokenCache {
             && now < slot.cached.expires_at
         {
             slot.last_used = tick;
-            let remaining = slot.cached.expires_at.saturating_duration_since(now);
-            if remaining >= self.options.refresh_ahead {
+            if now < slot.cached.refresh_at {
                 return Step::Hit(slot.cached.token.clone());
             }
             valid = true;
@@ -413,8 +453,9 @@ impl TokenCache {
         let sender = guard.sender.take();
         let (outcome, result) = match result {
             Ok((token, expires_in)) => {
+                let (margin, refresh_ahead) = self.options.windows(expires_in);
                 let expires_at = expires_in
-                    .checked_sub(self.options.safety_margin)
+                    .checked_sub(margin)
                     .filter(|ttl| !ttl.is_zero())
                     .and_then(|ttl| now.checked_add(ttl));
                 // Not cached: a lifetime within the margin (the token is too close to
@@ -425,6 +466,7 @@ impl TokenCache {
                     let cached = CachedToken {
                         token: token.clone(),
                         expires_at,
+                        refresh_at: expires_at.checked_sub(refresh_ahead).unwrap_or(now),
                     };
                     state.insert(key.clone(), cached, self.options.max_user_entries);
                 }
@@ -503,6 +545,7 @@ fn replicate(error: &ProviderError) -> ProviderError {
             code: code.clone(),
         },
         ProviderError::Unavailable(message) => ProviderError::Unavailable(message.clone()),
+        ProviderError::Certificate(message) => ProviderError::Certificate(message.clone()),
         ProviderError::InvalidToken(message) => ProviderError::InvalidToken(message.clone()),
         ProviderError::Context(inner) => ProviderError::Context(inner.clone()),
         ProviderError::Other(inner) => {

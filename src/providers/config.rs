@@ -33,16 +33,34 @@
 //! `extra_auth_params.end_user_sec_params` (where the reference places it), and validate it
 //! before returning: a loaded [`EndUserSecParams`] is always usable.
 //!
+//! # Extension keys
+//!
+//! These keys are not in the reference (python-oracledb) and are ignored by it; ctxpool
+//! reads them. Values set in code ([`HttpOptions`](super::token_source::HttpOptions),
+//! [`EndUserSecProvider::with_validator`](super::EndUserSecProvider::with_validator))
+//! take precedence.
+//!
+//! | key                      | value                                                     |
+//! |--------------------------|-----------------------------------------------------------|
+//! | `tls_root_store`         | `"webpki"` (default), `"platform"` (the OS store; honours `SSL_CERT_FILE`), `"none"` |
+//! | `tls_ca_file`            | path of a PEM bundle of extra roots (a private CA)        |
+//! | `default_token_lifetime` | seconds assumed for a token without `expires_in` nor JWT `exp` |
+//! | `token_validation`       | `{ "issuer", "audiences", "jwks_url", "role_claim", "allowed_roles", "leeway_seconds" }`: how end users' tokens are verified |
+//!
 //! Errors name the offending key and never contain the client credential: parse errors
 //! keep only the parser's message, never the TOML source snippet the `toml` crate would
 //! otherwise print.
 
+use std::collections::BTreeSet;
 use std::fmt;
+use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Deserializer};
 use serde_json::Value;
 
+use super::http::{self, BuiltInRoots, TrustRoots, TrustRootsError};
+use super::validation::{ValidationConfig, ValidationError};
 use crate::context::{Attributes, ContextError};
 
 /// The key under which the reference nests the block.
@@ -144,6 +162,12 @@ pub enum ConfigError {
     /// The attributes do not form a valid security-context attribute set.
     #[error("end_user_sec_params key \"attributes\": {0}")]
     Attributes(#[source] ContextError),
+    /// The extra trust roots (`tls_ca_file`) could not be loaded.
+    #[error("end_user_sec_params key \"tls_ca_file\": {0}")]
+    TrustRoots(#[source] TrustRootsError),
+    /// The token validation settings are unusable.
+    #[error("end_user_sec_params key \"token_validation\": {0}")]
+    TokenValidation(#[source] ValidationError),
     /// The HTTPS client for the token endpoint could not be built.
     #[error("could not build the HTTPS client for the token endpoint: {reason}")]
     HttpClient {
@@ -169,6 +193,31 @@ struct RawParams {
     data_roles: Option<Vec<String>>,
     #[serde(default)]
     attributes: Option<Value>,
+    // Extension keys (see the module documentation).
+    #[serde(default)]
+    tls_root_store: Option<BuiltInRoots>,
+    #[serde(default)]
+    tls_ca_file: Option<String>,
+    #[serde(default)]
+    default_token_lifetime: Option<u64>,
+    #[serde(default)]
+    token_validation: Option<RawValidation>,
+}
+
+/// The `token_validation` extension key.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawValidation {
+    issuer: String,
+    #[serde(deserialize_with = "string_or_strings")]
+    audiences: Vec<String>,
+    jwks_url: String,
+    #[serde(default)]
+    role_claim: Option<String>,
+    #[serde(default)]
+    allowed_roles: Vec<String>,
+    #[serde(default)]
+    leeway_seconds: Option<u64>,
 }
 
 /// Wraps the credential at once; `secrecy` is built without its `serde` feature.
@@ -211,6 +260,10 @@ pub struct EndUserSecParams {
     scopes: Vec<String>,
     data_roles: Option<Vec<String>>,
     attributes: Option<Value>,
+    tls_root_store: BuiltInRoots,
+    tls_ca_file: Option<String>,
+    default_token_lifetime: Option<Duration>,
+    token_validation: Option<ValidationConfig>,
 }
 
 impl EndUserSecParams {
@@ -260,7 +313,30 @@ impl EndUserSecParams {
             scopes: raw.scopes,
             data_roles: raw.data_roles,
             attributes: raw.attributes,
+            tls_root_store: raw.tls_root_store.unwrap_or_default(),
+            tls_ca_file: raw.tls_ca_file,
+            default_token_lifetime: raw
+                .default_token_lifetime
+                .filter(|s| *s > 0)
+                .map(Duration::from_secs),
+            token_validation: match raw.token_validation {
+                None => None,
+                Some(v) => {
+                    let mut config = ValidationConfig::new(v.issuer, v.audiences, v.jwks_url);
+                    config.role_claim = v.role_claim;
+                    config.allowed_roles = v.allowed_roles.into_iter().collect::<BTreeSet<_>>();
+                    if let Some(leeway) = v.leeway_seconds {
+                        config.leeway = Duration::from_secs(leeway);
+                    }
+                    Some(config)
+                }
+            },
         };
+        if raw.default_token_lifetime == Some(0) {
+            return Err(ConfigError::Invalid {
+                reason: "key \"default_token_lifetime\": must be at least 1 second".to_owned(),
+            });
+        }
         params.validate()?;
         Ok(params)
     }
@@ -298,7 +374,34 @@ impl EndUserSecParams {
         if let Some(attributes) = &self.attributes {
             Attributes::from_json(attributes.clone()).map_err(ConfigError::Attributes)?;
         }
+        if let Some(path) = &self.tls_ca_file {
+            require_text("tls_ca_file", path)?;
+        }
+        if let Some(v) = &self.token_validation {
+            v.check().map_err(ConfigError::TokenValidation)?;
+        }
         Ok(())
+    }
+
+    /// The trust roots of the `tls_root_store` and `tls_ca_file` extension keys (the PEM
+    /// file is read here); the webpki roots when neither is set.
+    pub fn trust_roots(&self) -> Result<TrustRoots, ConfigError> {
+        let roots = TrustRoots::new(self.tls_root_store);
+        match &self.tls_ca_file {
+            Some(path) => roots.with_pem_file(path).map_err(ConfigError::TrustRoots),
+            None => Ok(roots),
+        }
+    }
+
+    /// The `default_token_lifetime` extension key.
+    pub fn default_token_lifetime(&self) -> Option<Duration> {
+        self.default_token_lifetime
+    }
+
+    /// The `token_validation` extension key, as a validator configuration (its trust roots
+    /// not yet set: the provider gives it the block's).
+    pub fn token_validation(&self) -> Option<&ValidationConfig> {
+        self.token_validation.as_ref()
     }
 
     /// The identity provider.
@@ -359,6 +462,10 @@ impl fmt::Debug for EndUserSecParams {
             .field("scopes", &self.scopes)
             .field("data_roles", &self.data_roles)
             .field("attributes", &attribute_keys)
+            .field("tls_root_store", &self.tls_root_store)
+            .field("tls_ca_file", &self.tls_ca_file)
+            .field("default_token_lifetime", &self.default_token_lifetime)
+            .field("token_validation", &self.token_validation)
             .finish()
     }
 }
@@ -406,6 +513,10 @@ fn explain(block: &Value, error: serde_json::Error) -> String {
             "client_credential" => secret_string(value).err(),
             "scopes" => string_or_strings(value).err(),
             "data_roles" => Option::<Vec<String>>::deserialize(value).err(),
+            "tls_root_store" => BuiltInRoots::deserialize(value).err(),
+            "tls_ca_file" => String::deserialize(value).err(),
+            "default_token_lifetime" => u64::deserialize(value).err(),
+            "token_validation" => RawValidation::deserialize(value).err(),
             _ => None,
         };
         if let Some(field_error) = field_error {
@@ -462,22 +573,12 @@ fn validate_authority(authority: &str) -> Result<(), ConfigError> {
     if url.query().is_some() || url.fragment().is_some() {
         return error("must not contain a query or a fragment");
     }
-    match url.scheme() {
-        "https" => {}
-        "http" if is_loopback(&url) => {}
-        "http" => return error("must use https (http is allowed for loopback hosts only)"),
-        _ => return error("must be an https URL"),
-    }
     if url.host().is_none() {
         return error("has no host");
     }
-    Ok(())
-}
-
-fn is_loopback(url: &reqwest::Url) -> bool {
-    // `url` is not a direct dependency, so compare the serialized host (IPv6 in brackets).
-    matches!(
-        url.host_str().map(str::to_ascii_lowercase).as_deref(),
-        Some("localhost" | "127.0.0.1" | "[::1]")
-    )
+    match url.scheme() {
+        _ if http::url_allowed(&url) => Ok(()),
+        "http" => error("must use https (http is allowed for loopback hosts only)"),
+        _ => error("must be an https URL"),
+    }
 }

@@ -32,7 +32,7 @@ pub struct EndUserSecProvider {
 /// What the provider does with an end user's token before using it.
 enum Validation {
     /// Verify it: the default once a validator is set.
-    With(Box<TokenValidator>),
+    With(TokenValidator),
     /// Refuse token identities: no validator was set and validation was not waived.
     Required,
     /// Trust it: for a database that verifies tokens itself (Oracle Deep Data Security).
@@ -50,14 +50,35 @@ impl fmt::Debug for EndUserSecProvider {
 
 impl EndUserSecProvider {
     /// A provider fetching tokens over HTTPS as `params` say, with default timeouts,
-    /// retries and cache.
+    /// retries and cache. If the block has `token_validation`, end users' tokens are
+    /// verified with a validator built from it (trusting the block's TLS roots).
     pub fn new(params: EndUserSecParams) -> Result<Self, ConfigError> {
-        let source = HttpTokenSource::new(&params, HttpOptions::default())?;
-        Ok(Self::with_source(
-            params,
-            Arc::new(source),
-            CacheOptions::default(),
-        ))
+        Self::with_http_options(params, HttpOptions::default())
+    }
+
+    /// [`new`](Self::new) with HTTP options set in code, which take precedence over the
+    /// block's extension keys.
+    pub fn with_http_options(
+        params: EndUserSecParams,
+        options: HttpOptions,
+    ) -> Result<Self, ConfigError> {
+        let validator = match params.token_validation() {
+            Some(config) => {
+                let mut config = config.clone();
+                config.trust_roots = match &options.trust_roots {
+                    Some(roots) => roots.clone(),
+                    None => params.trust_roots()?,
+                };
+                Some(TokenValidator::new(config).map_err(ConfigError::TokenValidation)?)
+            }
+            None => None,
+        };
+        let source = HttpTokenSource::new(&params, options)?;
+        let provider = Self::with_source(params, Arc::new(source), CacheOptions::default());
+        Ok(match validator {
+            Some(validator) => provider.with_validator(validator),
+            None => provider,
+        })
     }
 
     /// A provider with its own token source (another identity provider, a test double) and
@@ -80,10 +101,23 @@ impl EndUserSecProvider {
     /// error from `acquire_as`, before any token request and any SQL. PostgreSQL cannot
     /// check tokens itself, so a pool in front of it should always set this for token
     /// identities. The token's role claim (through the validator's allow-list) gives the
-    /// data roles unless the request names its own.
+    /// data roles unless the request names its own. Replaces a validator from the block's
+    /// `token_validation`.
+    ///
+    /// Give the tower layer a clone of the same validator: a token the layer verified
+    /// reaches the provider with its evidence and is not verified a second time.
     pub fn with_validator(mut self, validator: TokenValidator) -> Self {
-        self.validation = Validation::With(Box::new(validator));
+        self.validation = Validation::With(validator);
         self
+    }
+
+    /// The validator end users' tokens are verified with, if any: hand a clone to the
+    /// tower layer ([`IdentityLayer::token_check`](crate::middleware::IdentityLayer::token_check)).
+    pub fn validator(&self) -> Option<&TokenValidator> {
+        match &self.validation {
+            Validation::With(validator) => Some(validator),
+            _ => None,
+        }
     }
 
     /// Uses end-user tokens without verifying them. Only for a database that verifies them
@@ -121,7 +155,7 @@ impl EndUserSecProvider {
                 );
                 self.cache
                     .get_or_fetch(&key, || async {
-                        let t = self.source.fetch(None).await?;
+                        let t = self.source.fetch(None, request.deadline).await?;
                         Ok((t.token, t.expires_in))
                     })
                     .await
@@ -141,7 +175,7 @@ impl EndUserSecProvider {
                 );
                 self.cache
                     .get_or_fetch(&key, || async {
-                        let t = self.source.fetch(Some(assertion)).await?;
+                        let t = self.source.fetch(Some(assertion), request.deadline).await?;
                         Ok((t.token, t.expires_in))
                     })
                     .await
@@ -158,7 +192,14 @@ impl ContextProvider for EndUserSecProvider {
     ) -> Result<SecurityContext, ProviderError> {
         // A token that fails validation never reaches the identity provider or the database.
         let validated = match (&self.validation, request.identity.token_secret()) {
-            (Validation::With(validator), Some(token)) => Some(validator.validate(token).await?),
+            (Validation::With(validator), Some(token)) => {
+                // Verified once per request: the layer's evidence, if it is this
+                // validator's and for this token, stands.
+                match validator.already_verified(request.verification.as_ref(), token) {
+                    Some(validated) => Some(validated),
+                    None => Some(validator.validate(token).await?),
+                }
+            }
             (Validation::Required, Some(_)) => {
                 return Err(ProviderError::InvalidToken(
                     "end-user tokens need a validator (or validation waived explicitly)".into(),

@@ -5,6 +5,8 @@
 //!   `extra_auth_params`.
 //! - [`token_source`]: Entra ID (client credentials, on-behalf-of) and OCI IAM (client
 //!   credentials) token endpoints over HTTPS, with timeouts and bounded retries.
+//! - [`http`]: what the token source and the JWKS fetch share: the trust roots (webpki,
+//!   the platform's, extra PEM roots), the bounded body read, the one loopback rule.
 //! - [`cache`]: the token cache: single-flight, expiry with a safety margin, refresh ahead,
 //!   bounded per-user entries.
 //!
@@ -16,6 +18,7 @@
 pub mod cache;
 pub mod config;
 mod end_user_sec;
+pub mod http;
 pub mod token_source;
 pub mod validation;
 

@@ -22,29 +22,28 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
-use std::net::IpAddr;
 use std::str::FromStr;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use base64::Engine;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::jwk::Jwk;
 use jsonwebtoken::{DecodingKey, Validation};
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 
+use super::http::{self, BodyError, Transport, TrustRoots};
 use crate::ProviderError;
+use crate::provider::Verification;
 
 pub use jsonwebtoken::Algorithm;
 
 /// The largest JWKS body read; real ones are a few kilobytes.
 const MAX_JWKS_LEN: usize = 256 * 1024;
-/// The longest token considered; real ones are a few kilobytes, and this bounds the work
-/// an unauthenticated caller can make the validator do before the signature check.
-const MAX_TOKEN_LEN: usize = 64 * 1024;
 /// The longest header `alg` echoed into an error; longer or odd ones are replaced, since
 /// the header is attacker-controlled text.
 const MAX_ALG_LEN: usize = 16;
@@ -131,6 +130,9 @@ pub struct ValidationConfig {
     /// `kid` is known: a key the issuer removed stops verifying tokens within this time.
     /// Default 1 hour; at least `jwks_min_refetch_interval`.
     pub jwks_max_age: Duration,
+    /// The roots the JWKS endpoint's certificate must chain to. Default: the webpki roots.
+    /// A provider built from a block with `tls_root_store` / `tls_ca_file` uses those.
+    pub trust_roots: TrustRoots,
 }
 
 impl ValidationConfig {
@@ -151,7 +153,48 @@ impl ValidationConfig {
             allowed_roles: BTreeSet::new(),
             jwks_min_refetch_interval: Duration::from_secs(60),
             jwks_max_age: Duration::from_secs(3600),
+            trust_roots: TrustRoots::default(),
         }
+    }
+
+    /// Refuses an empty issuer or audience, an empty allow-list, HMAC algorithms, a
+    /// maximum age below the refetch interval, and a JWKS URL that is neither `https` nor
+    /// `http` on loopback (the same rule as the block's `authority`).
+    pub(crate) fn check(&self) -> Result<reqwest::Url, ValidationError> {
+        let config = self;
+        if config.issuer.is_empty() {
+            return Err(ValidationError::Config("the issuer is empty".into()));
+        }
+        if config.audience.is_empty() || config.audience.iter().any(String::is_empty) {
+            return Err(ValidationError::Config(
+                "the audience list is empty or has an empty entry".into(),
+            ));
+        }
+        if config.jwks_max_age < config.jwks_min_refetch_interval {
+            return Err(ValidationError::Config(
+                "the JWKS maximum age is shorter than the minimum refetch interval".into(),
+            ));
+        }
+        if config.algorithms.is_empty() {
+            return Err(ValidationError::Config(
+                "the algorithm allow-list is empty".into(),
+            ));
+        }
+        if let Some(hmac) = config.algorithms.iter().find(|a| is_hmac(**a)) {
+            // A JWKS holds public keys: allowing HMAC would let anyone holding the public
+            // key mint tokens.
+            return Err(ValidationError::Config(format!(
+                "HMAC algorithm {hmac:?} is not allowed"
+            )));
+        }
+        let jwks_url = reqwest::Url::parse(&config.jwks_url)
+            .map_err(|_| ValidationError::Config("the JWKS URL is not a valid URL".into()))?;
+        if !http::url_allowed(&jwks_url) {
+            return Err(ValidationError::Config(
+                "the JWKS URL must be https (or http on loopback)".into(),
+            ));
+        }
+        Ok(jwks_url)
     }
 }
 
@@ -197,21 +240,39 @@ struct FetchState {
     last_error: Option<String>,
 }
 
-/// Validates end-user tokens against an issuer's JWKS. `Send + Sync`; share it in an
-/// [`Arc`].
+/// Validates end-user tokens against an issuer's JWKS. `Send + Sync`, and cheap to clone:
+/// clones share the key set and its fetches, so that one validator serves the tower layer
+/// and the provider, and a token the layer verified is not verified again by the provider
+/// (see [`ValidatedToken`] and [`ContextRequest::verification`](crate::ContextRequest::verification)).
+#[derive(Clone)]
 pub struct TokenValidator {
+    shared: Arc<Shared>,
+}
+
+/// What the clones of a [`TokenValidator`] share.
+struct Shared {
     config: ValidationConfig,
     jwks_url: reqwest::Url,
     client: reqwest::Client,
     keys: RwLock<Arc<KeySet>>,
     fetch: tokio::sync::Mutex<FetchState>,
+    /// Tokens verified, over all clones.
+    verified: AtomicU64,
+}
+
+/// The evidence the tower layer's check leaves for the provider: which validator verified
+/// which token (as a SHA-256 hash), and what it said.
+struct Evidence {
+    validator: Arc<Shared>,
+    token_hash: [u8; 32],
+    validated: ValidatedToken,
 }
 
 impl fmt::Debug for TokenValidator {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TokenValidator")
-            .field("config", &self.config)
-            .field("cached_keys", &self.cached_keys().keys.len())
+            .field("config", &self.shared.config)
+            .field("cached_keys", &self.shared.cached_keys().keys.len())
             .finish_non_exhaustive()
     }
 }
@@ -220,45 +281,73 @@ impl TokenValidator {
     /// A validator for `config`. Refuses an empty issuer or audience, an empty allow-list,
     /// HMAC algorithms and a JWKS URL that is neither `https` nor `http` on loopback.
     pub fn new(config: ValidationConfig) -> Result<Self, ValidationError> {
-        if config.issuer.is_empty() {
-            return Err(ValidationError::Config("the issuer is empty".into()));
+        Shared::new(config).map(|shared| Self {
+            shared: Arc::new(shared),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ValidationConfig {
+        &self.shared.config
+    }
+
+    /// Validates `token`: signature, algorithm, `exp`/`nbf` with leeway, `iss`, `aud`,
+    /// `sub`. May fetch the JWKS (first use, or an unknown `kid`, rate-limited).
+    pub async fn validate(&self, token: &SecretString) -> Result<ValidatedToken, ValidationError> {
+        let validated = self.shared.validate(token).await?;
+        self.shared.verified.fetch_add(1, Ordering::Relaxed);
+        Ok(validated)
+    }
+
+    /// How many tokens this validator and its clones have verified successfully: with the
+    /// layer and the provider sharing one validator, one per request.
+    pub fn verified_count(&self) -> u64 {
+        self.shared.verified.load(Ordering::Relaxed)
+    }
+
+    /// Validates `token` and returns the evidence for the provider as well.
+    pub async fn verify_for_request(
+        &self,
+        token: &SecretString,
+    ) -> Result<(ValidatedToken, Verification), ValidationError> {
+        let validated = self.validate(token).await?;
+        let evidence = Evidence {
+            validator: Arc::clone(&self.shared),
+            token_hash: Sha256::digest(token.expose_secret().as_bytes()).into(),
+            validated: validated.clone(),
+        };
+        Ok((validated, Verification::new(evidence)))
+    }
+
+    /// What `verification` says about `token`, if this validator (or a clone) verified
+    /// exactly this token and it has not expired since (beyond the leeway).
+    pub fn already_verified(
+        &self,
+        verification: Option<&Verification>,
+        token: &SecretString,
+    ) -> Option<ValidatedToken> {
+        let evidence = verification?.downcast_ref::<Evidence>()?;
+        if !Arc::ptr_eq(&evidence.validator, &self.shared) {
+            return None;
         }
-        if config.audience.is_empty() || config.audience.iter().any(String::is_empty) {
-            return Err(ValidationError::Config(
-                "the audience list is empty or has an empty entry".into(),
-            ));
+        let hash: [u8; 32] = Sha256::digest(token.expose_secret().as_bytes()).into();
+        if hash != evidence.token_hash {
+            return None;
         }
-        if config.jwks_max_age < config.jwks_min_refetch_interval {
-            return Err(ValidationError::Config(
-                "the JWKS maximum age is shorter than the minimum refetch interval".into(),
-            ));
-        }
-        if config.algorithms.is_empty() {
-            return Err(ValidationError::Config(
-                "the algorithm allow-list is empty".into(),
-            ));
-        }
-        if let Some(hmac) = config.algorithms.iter().find(|a| is_hmac(**a)) {
-            // A JWKS holds public keys: allowing HMAC would let anyone holding the public
-            // key mint tokens.
-            return Err(ValidationError::Config(format!(
-                "HMAC algorithm {hmac:?} is not allowed"
-            )));
-        }
-        let jwks_url = reqwest::Url::parse(&config.jwks_url)
-            .map_err(|_| ValidationError::Config("the JWKS URL is not a valid URL".into()))?;
-        if !jwks_url_allowed(&jwks_url) {
-            return Err(ValidationError::Config(
-                "the JWKS URL must be https (or http on loopback)".into(),
-            ));
-        }
-        let client = reqwest::Client::builder()
-            .use_rustls_tls()
-            .connect_timeout(JWKS_CONNECT_TIMEOUT)
-            .timeout(JWKS_TOTAL_TIMEOUT)
-            // The key set must come from the configured host, not wherever it points.
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
+        let exp = evidence.validated.claims.get("exp")?.as_u64()?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()?
+            .as_secs();
+        (now <= exp.saturating_add(self.shared.config.leeway.as_secs()))
+            .then(|| evidence.validated.clone())
+    }
+}
+
+impl Shared {
+    fn new(config: ValidationConfig) -> Result<Self, ValidationError> {
+        let jwks_url = config.check()?;
+        let client = http::client(&config.trust_roots, JWKS_CONNECT_TIMEOUT)
             .map_err(|e| ValidationError::Config(format!("HTTP client: {e}")))?;
         Ok(Self {
             config,
@@ -269,17 +358,11 @@ impl TokenValidator {
                 last_attempt: None,
                 last_error: None,
             }),
+            verified: AtomicU64::new(0),
         })
     }
 
-    /// The configuration.
-    pub fn config(&self) -> &ValidationConfig {
-        &self.config
-    }
-
-    /// Validates `token`: signature, algorithm, `exp`/`nbf` with leeway, `iss`, `aud`,
-    /// `sub`. May fetch the JWKS (first use, or an unknown `kid`, rate-limited).
-    pub async fn validate(&self, token: &SecretString) -> Result<ValidatedToken, ValidationError> {
+    async fn validate(&self, token: &SecretString) -> Result<ValidatedToken, ValidationError> {
         let token = token.expose_secret();
         let header = parse_structure(token)?;
         let alg = self.allowed_algorithm(&header)?;
@@ -440,42 +523,35 @@ impl TokenValidator {
 
     /// Fetches and parses the JWKS. The error is a short reason without the body.
     async fn fetch_jwks(&self) -> Result<HashMap<String, CachedKey>, String> {
-        let mut response = self
+        let response = self
             .client
             .get(self.jwks_url.clone())
             .header(reqwest::header::ACCEPT, "application/json")
+            .timeout(JWKS_TOTAL_TIMEOUT)
             .send()
             .await
-            .map_err(|e| transport_reason(&e))?;
+            .map_err(|e| transport_reason(http::classify(&e)))?;
         let status = response.status();
         if !status.is_success() {
             return Err(format!("HTTP {}", status.as_u16()));
         }
-        if response
-            .content_length()
-            .is_some_and(|len| len > MAX_JWKS_LEN as u64)
-        {
-            return Err("the response is too large".into());
-        }
-        let mut body = Vec::new();
-        while let Some(chunk) = response.chunk().await.map_err(|e| transport_reason(&e))? {
-            if body.len() + chunk.len() > MAX_JWKS_LEN {
-                return Err("the response is too large".into());
-            }
-            body.extend_from_slice(&chunk);
-        }
+        let body = match http::read_bounded(response, MAX_JWKS_LEN).await {
+            Ok(body) => body,
+            Err(BodyError::TooLarge) => return Err("the response is too large".into()),
+            Err(BodyError::Transport(what)) => return Err(transport_reason(what)),
+        };
         parse_jwks(&body).ok_or_else(|| "the response is not a JWKS".to_owned())
     }
 }
 
 /// A transport failure, without the URL's query or anything from the response.
-fn transport_reason(e: &reqwest::Error) -> String {
-    if e.is_timeout() {
-        "timed out".into()
-    } else if e.is_connect() {
-        "could not connect".into()
-    } else {
-        "transport error".into()
+fn transport_reason(what: Transport) -> String {
+    match what {
+        Transport::TimedOut => "timed out".into(),
+        Transport::Connect => "could not connect".into(),
+        Transport::Certificate(check) => format!("TLS certificate refused: {check}"),
+        Transport::CutShort => "the response was cut short".into(),
+        Transport::Builder | Transport::Other => "transport error".into(),
     }
 }
 
@@ -544,30 +620,7 @@ fn parse_jwks(body: &[u8]) -> Option<HashMap<String, CachedKey>> {
 /// Checks the compact structure (three base64url parts, JSON-object header and claims)
 /// and returns the header, so that malformed tokens are told apart from forged ones.
 fn parse_structure(token: &str) -> Result<Map<String, Value>, ValidationError> {
-    if token.len() > MAX_TOKEN_LEN {
-        return Err(ValidationError::Malformed);
-    }
-    let mut parts = token.split('.');
-    let (Some(header), Some(claims), Some(signature), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return Err(ValidationError::Malformed);
-    };
-    let object = |part: &str| -> Result<Map<String, Value>, ValidationError> {
-        let bytes = URL_SAFE_NO_PAD
-            .decode(part)
-            .map_err(|_| ValidationError::Malformed)?;
-        match serde_json::from_slice(&bytes) {
-            Ok(Value::Object(map)) => Ok(map),
-            _ => Err(ValidationError::Malformed),
-        }
-    };
-    let header = object(header)?;
-    object(claims)?;
-    URL_SAFE_NO_PAD
-        .decode(signature)
-        .map_err(|_| ValidationError::Malformed)?;
-    Ok(header)
+    crate::jwt::checked_header(token).ok_or(ValidationError::Malformed)
 }
 
 /// Whether `alg` is an HMAC algorithm.
@@ -587,23 +640,5 @@ fn printable_alg(name: &str) -> String {
         name.to_owned()
     } else {
         UNRECOGNIZED_ALG.to_owned()
-    }
-}
-
-/// `https`, or `http` on a loopback host (tests, local sidecars).
-fn jwks_url_allowed(url: &reqwest::Url) -> bool {
-    match url.scheme() {
-        "https" => url.host_str().is_some(),
-        "http" => match url.host_str() {
-            Some(host) if host.eq_ignore_ascii_case("localhost") => true,
-            // IPv6 hosts come bracketed.
-            Some(host) => host
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .parse::<IpAddr>()
-                .is_ok_and(|ip| ip.is_loopback()),
-            None => false,
-        },
-        _ => false,
     }
 }
