@@ -130,7 +130,7 @@ impl ContextProvider for Directory {
         })?;
         let user = self.users.get(name).ok_or_else(|| ProviderError::Refused {
             status: 403,
-            code: "unknown_end_user".into(),
+            code: Some("unknown_end_user".into()),
         })?;
         let roles = request
             .data_roles

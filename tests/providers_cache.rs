@@ -81,6 +81,9 @@ fn options(margin: u64, refresh_ahead: u64) -> CacheOptions {
     CacheOptions {
         safety_margin: Duration::from_secs(margin),
         refresh_ahead: Duration::from_secs(refresh_ahead),
+        // The durations as given, not capped by a share of the lifetime.
+        safety_margin_percent: 100,
+        refresh_ahead_percent: 100,
         ..CacheOptions::default()
     }
 }
@@ -122,6 +125,35 @@ async fn second_get_is_a_hit() {
     assert!(!cache.is_empty());
     cache.clear();
     assert!(cache.is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn default_windows_are_proportional_so_a_300_s_token_hits() {
+    // 300 s: margin 30 s (10 %), refresh window 75 s (25 %): hits until 195 s.
+    let cache = TokenCache::new(CacheOptions::default());
+    let count = Arc::new(AtomicUsize::new(0));
+    for _ in 0..5 {
+        cache
+            .get_or_fetch(&app_key(), ok_fetch(&count, secs(300)))
+            .await
+            .unwrap();
+        tokio::time::advance(secs(48)).await;
+    }
+    assert_eq!(count.load(Ordering::SeqCst), 1);
+    // At 240 s the refresh window is open: the next acquire fetches.
+    cache
+        .get_or_fetch(&app_key(), ok_fetch(&count, secs(300)))
+        .await
+        .unwrap();
+    assert_eq!(count.load(Ordering::SeqCst), 2);
+    assert_eq!(
+        CacheOptions::default().windows(secs(300)),
+        (secs(30), secs(75))
+    );
+    assert_eq!(
+        CacheOptions::default().windows(secs(3600)),
+        (secs(60), secs(300))
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -367,7 +399,7 @@ async fn a_failed_fetch_reaches_every_waiter() {
     let handles = spawn_callers(&cache, &app_key(), &count, &gate, || {
         Err(ProviderError::Refused {
             status: 400,
-            code: "invalid_grant".into(),
+            code: Some("invalid_grant".into()),
         })
     })
     .await;
@@ -376,7 +408,9 @@ async fn a_failed_fetch_reaches_every_waiter() {
     let mut errors = 0;
     for handle in handles {
         match handle.await.unwrap() {
-            Err(ProviderError::Refused { status: 400, code }) if code == "invalid_grant" => {
+            Err(ProviderError::Refused { status: 400, code })
+                if code.as_deref() == Some("invalid_grant") =>
+            {
                 errors += 1;
             }
             other => panic!("unexpected outcome: {:?}", other.map(|_| "<token>")),
@@ -616,6 +650,7 @@ fn cache_is_send_and_sync_and_debug_is_redacted() {
     let cached = ctxpool::providers::cache::CachedToken {
         token: SecretString::from("super-secret-token"),
         expires_at: tokio::time::Instant::now(),
+        refresh_at: tokio::time::Instant::now(),
     };
     let debug = format!("{cached:?}");
     assert!(!debug.contains("super-secret-token"), "{debug}");

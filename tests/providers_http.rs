@@ -296,6 +296,7 @@ fn fast_options() -> HttpOptions {
         max_retries: 3,
         base_backoff: Duration::from_millis(1),
         max_backoff: Duration::from_millis(5),
+        ..HttpOptions::default()
     }
 }
 
@@ -353,7 +354,7 @@ async fn entra_client_credentials_request_shape() {
         .await;
     let source = entra(&server, "client_credentials");
     assert_no_secret(&format!("{source:?}"));
-    let token = source.fetch(None).await.unwrap();
+    let token = source.fetch(None, None).await.unwrap();
     assert_eq!(token.token.expose_secret(), TOKEN);
     assert_eq!(token.expires_in, Duration::from_secs(3599));
     assert_no_secret(&format!("{token:?}"));
@@ -383,7 +384,7 @@ async fn entra_on_behalf_of_request_shape() {
         .mount(&server)
         .await;
     let source = entra(&server, "on_behalf_of");
-    let token = source.fetch(Some(&assertion())).await.unwrap();
+    let token = source.fetch(Some(&assertion()), None).await.unwrap();
     assert_eq!(token.token.expose_secret(), TOKEN);
     assert_eq!(token.expires_in, Duration::from_secs(120));
 }
@@ -398,7 +399,7 @@ async fn entra_on_behalf_of_without_assertion_sends_nothing() {
         .await;
     let source = entra(&server, "on_behalf_of");
     for assertion in [None, Some(SecretString::from(" "))] {
-        let error = source.fetch(assertion.as_ref()).await.unwrap_err();
+        let error = source.fetch(assertion.as_ref(), None).await.unwrap_err();
         assert!(matches!(error, ProviderError::InvalidToken(_)), "{error:?}");
     }
 }
@@ -425,7 +426,7 @@ async fn oci_client_credentials_request_shape() {
         &server.uri(),
         fast_options(),
     );
-    let token = source.fetch(None).await.unwrap();
+    let token = source.fetch(None, None).await.unwrap();
     assert_eq!(token.token.expose_secret(), TOKEN);
     assert_eq!(token.expires_in, Duration::from_secs(3599));
     // The secret goes in the header only, never in the form.
@@ -481,11 +482,11 @@ async fn refused(status: u16, code: &str) {
         .mount(&server)
         .await;
     let source = entra(&server, "on_behalf_of");
-    let error = source.fetch(Some(&assertion())).await.unwrap_err();
+    let error = source.fetch(Some(&assertion()), None).await.unwrap_err();
     match &error {
         ProviderError::Refused { status: s, code: c } => {
             assert_eq!(*s, status);
-            assert_eq!(c, code);
+            assert_eq!(c.as_deref(), Some(code));
         }
         other => panic!("expected Refused, got {other:?}"),
     }
@@ -514,11 +515,11 @@ async fn malformed_error_code_is_not_echoed() {
         .mount(&server)
         .await;
     let error = entra(&server, "client_credentials")
-        .fetch(None)
+        .fetch(None, None)
         .await
         .unwrap_err();
     assert!(
-        matches!(&error, ProviderError::Refused { status: 400, code } if code == "unrecognized_error"),
+        matches!(&error, ProviderError::Refused { status: 400, code: Some(code) } if code == "unrecognized_error"),
         "{error:?}"
     );
     assert_no_secret(&format!("{error:?}"));
@@ -533,7 +534,7 @@ async fn client_error_without_oauth_error_is_not_retried() {
         .mount(&server)
         .await;
     let error = entra(&server, "client_credentials")
-        .fetch(None)
+        .fetch(None, None)
         .await
         .unwrap_err();
     assert_unavailable(&error);
@@ -555,7 +556,7 @@ async fn too_many_requests_honours_retry_after_then_succeeds() {
         .mount(&server)
         .await;
     let token = entra(&server, "client_credentials")
-        .fetch(None)
+        .fetch(None, None)
         .await
         .unwrap();
     assert_eq!(token.token.expose_secret(), TOKEN);
@@ -576,7 +577,7 @@ async fn retry_after_is_capped_at_max_backoff() {
         .await;
     let started = std::time::Instant::now();
     entra(&server, "client_credentials")
-        .fetch(None)
+        .fetch(None, None)
         .await
         .unwrap();
     assert!(
@@ -607,7 +608,7 @@ async fn server_errors_are_retried_then_succeed() {
         .mount(&server)
         .await;
     let token = entra(&server, "client_credentials")
-        .fetch(None)
+        .fetch(None, None)
         .await
         .unwrap();
     assert_eq!(token.token.expose_secret(), TOKEN);
@@ -622,7 +623,7 @@ async fn server_errors_exhaust_the_retries() {
         .mount(&server)
         .await;
     let error = entra(&server, "client_credentials")
-        .fetch(None)
+        .fetch(None, None)
         .await
         .unwrap_err();
     assert_unavailable(&error);
@@ -653,7 +654,7 @@ async fn slow_response_times_out() {
         options,
     );
     let started = std::time::Instant::now();
-    let error = source.fetch(None).await.unwrap_err();
+    let error = source.fetch(None, None).await.unwrap_err();
     assert!(started.elapsed() < Duration::from_millis(1500));
     assert_unavailable(&error);
     assert!(error.to_string().contains("timed out"), "{error}");
@@ -667,7 +668,7 @@ async fn unusable_success(template: ResponseTemplate, expected: &str) {
         .mount(&server)
         .await;
     let error = entra(&server, "client_credentials")
-        .fetch(None)
+        .fetch(None, None)
         .await
         .unwrap_err();
     assert_unavailable(&error);
@@ -740,7 +741,7 @@ async fn connection_reset_is_unavailable_after_retries() {
         &format!("http://{address}/tenant"),
         options,
     );
-    let error = source.fetch(None).await.unwrap_err();
+    let error = source.fetch(None, None).await.unwrap_err();
     assert_unavailable(&error);
     assert_eq!(accepted.load(Ordering::SeqCst), 3);
 }
@@ -762,7 +763,7 @@ async fn connection_refused_is_unavailable() {
         &format!("http://{address}"),
         options,
     );
-    let error = source.fetch(None).await.unwrap_err();
+    let error = source.fetch(None, None).await.unwrap_err();
     assert_unavailable(&error);
     assert!(error.to_string().contains("connect"), "{error}");
 }
@@ -799,7 +800,7 @@ async fn body_cut_short_is_retried_then_unavailable() {
         &format!("http://{address}/tenant"),
         options,
     );
-    let error = source.fetch(None).await.unwrap_err();
+    let error = source.fetch(None, None).await.unwrap_err();
     assert_unavailable(&error);
     assert!(error.to_string().contains("cut short"), "{error}");
     assert_eq!(accepted.load(Ordering::SeqCst), 2);

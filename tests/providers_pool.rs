@@ -148,7 +148,7 @@ async fn a_refusing_identity_provider_fails_closed() {
         .unwrap_err();
     match &err {
         PoolError::Provider(ProviderError::Refused { status, code }) => {
-            assert_eq!((*status, code.as_str()), (400, "invalid_client"));
+            assert_eq!((*status, code.as_deref()), (400, Some("invalid_client")));
         }
         other => panic!("{other}"),
     }

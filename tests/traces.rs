@@ -20,7 +20,7 @@ impl ContextProvider for FailingProvider {
     async fn security_context(&self, _: &ContextRequest) -> Result<SecurityContext, ProviderError> {
         Err(ProviderError::Refused {
             status: 400,
-            code: "invalid_grant".into(),
+            code: Some("invalid_grant".into()),
         })
     }
 }

@@ -178,15 +178,12 @@ fn certificate_check(error: &(dyn StdError + 'static)) -> Option<&'static str> {
         if let Some(rustls_error) = current.downcast_ref::<rustls::Error>() {
             return describe(rustls_error);
         }
-        // `io::Error::source` skips the error it wraps and returns that error's source,
-        // so look inside explicitly: hyper-rustls wraps the rustls error in one.
-        if let Some(io) = current.downcast_ref::<std::io::Error>()
-            && let Some(inner) = io.get_ref()
-            && let Some(rustls_error) = inner.downcast_ref::<rustls::Error>()
-        {
-            return describe(rustls_error);
-        }
-        next = current.source();
+        // `io::Error::source` skips the error it wraps (it returns that error's source),
+        // and the TLS stack nests io errors: step into them explicitly.
+        next = match current.downcast_ref::<std::io::Error>() {
+            Some(io) => io.get_ref().map(|inner| inner as &(dyn StdError + 'static)),
+            None => current.source(),
+        };
     }
     None
 }

@@ -1,0 +1,231 @@
+//! The identity providers of the token-provider tests, started by the test itself: the
+//! `oidc-provider` npm package run by Node.js (tests/idp/oidc/server.mjs), on loopback,
+//! on ports the OS picks, over http and over https with a private CA generated per run.
+//!
+//! One server per test binary ([`oidc`]). It exits when the test binary does: it watches
+//! its stdin, which only this process holds.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::OnceLock;
+
+use serde_json::{Value, json};
+
+/// The secret of the OCI-shaped client: every character that Basic credentials must
+/// form-encode (RFC 6749 §2.3.1).
+pub const ODD_SECRET: &str = "a+b/c=d%e f";
+pub const ENTRA_SECRET: &str = "entra-s3cret-value";
+pub const SCOPE: &str = "https://db.example.com/.default";
+
+/// A running oidc-provider.
+pub struct Oidc {
+    child: Child,
+    _stdin: ChildStdin,
+    pub http_port: u16,
+    pub https_port: u16,
+    /// The private CA the https listener's certificate chains to, PEM.
+    pub ca_pem: String,
+    /// A PEM file with the CA, for `tls_ca_file`.
+    pub ca_file: PathBuf,
+    dir: PathBuf,
+}
+
+impl Drop for Oidc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Oidc {
+    /// `http://127.0.0.1:port`.
+    pub fn http(&self) -> String {
+        format!("http://127.0.0.1:{}", self.http_port)
+    }
+
+    /// `https://localhost:port` (the certificate names `localhost` only).
+    pub fn https(&self) -> String {
+        format!("https://localhost:{}", self.https_port)
+    }
+
+    /// How many token requests reached `path` (e.g. `/oci/oauth2/v1/token`).
+    pub async fn requests(&self, path: &str) -> u64 {
+        let counts: Value = reqwest::get(format!("{}/test/requests", self.http()))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        counts.get(path).and_then(Value::as_u64).unwrap_or(0)
+    }
+
+    /// A user token signed by the current user key.
+    pub async fn user_token(&self, sub: &str, aud: &str, roles: &[&str]) -> String {
+        let url = format!(
+            "{}/test/user-token?sub={sub}&aud={aud}&roles={}",
+            self.http(),
+            roles.join(",")
+        );
+        let body: Value = reqwest::get(url).await.unwrap().json().await.unwrap();
+        body["token"].as_str().unwrap().to_owned()
+    }
+
+    /// A new user-signing key; with `drop_old`, the older ones leave the JWKS.
+    pub async fn rotate(&self, drop_old: bool) -> String {
+        let url = format!(
+            "{}/test/rotate{}",
+            self.http(),
+            if drop_old { "?drop=1" } else { "" }
+        );
+        let body: Value = reqwest::get(url).await.unwrap().json().await.unwrap();
+        body["kid"].as_str().unwrap().to_owned()
+    }
+
+    /// The JWKS of user tokens.
+    pub fn jwks_url(&self) -> String {
+        format!("{}/test/jwks", self.http())
+    }
+}
+
+/// The clients the server knows.
+fn clients() -> Value {
+    let obo = "urn:ietf:params:oauth:grant-type:jwt-bearer";
+    let base = |id: &str, secret: &str, method: &str, grants: Value| {
+        json!({
+            "client_id": id, "client_secret": secret,
+            "token_endpoint_auth_method": method, "grant_types": grants,
+            "redirect_uris": [], "response_types": [], "scope": SCOPE,
+        })
+    };
+    json!([
+        base(
+            "entra-app",
+            ENTRA_SECRET,
+            "client_secret_post",
+            json!(["client_credentials", obo])
+        ),
+        base(
+            "oci-app",
+            ODD_SECRET,
+            "client_secret_basic",
+            json!(["client_credentials"])
+        ),
+        // Client credentials disabled: on-behalf-of only.
+        base("obo-only", ENTRA_SECRET, "client_secret_post", json!([obo])),
+    ])
+}
+
+/// The one server of this test binary, started on first use.
+pub fn oidc() -> &'static Oidc {
+    static IDP: OnceLock<Oidc> = OnceLock::new();
+    IDP.get_or_init(|| start().unwrap_or_else(|e| panic!("{e}")))
+}
+
+fn oidc_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/idp/oidc")
+}
+
+fn start() -> Result<Oidc, String> {
+    let dir = oidc_dir();
+    if Command::new("node").arg("--version").output().is_err() {
+        return Err(
+            "the IdP tests need Node.js (>= 20): `apt-get install nodejs npm`, \
+                    then `npm ci --prefix tests/idp/oidc` (or run `bash .ci/setup`)"
+                .into(),
+        );
+    }
+    if !dir.join("node_modules/oidc-provider/package.json").exists() {
+        return Err(format!(
+            "the IdP tests need the oidc-provider package: run `npm ci --prefix {}` \
+             (or `bash .ci/setup`)",
+            dir.display()
+        ));
+    }
+    let tmp = std::env::temp_dir().join(format!(
+        "ctxpool-idp-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    ));
+    std::fs::create_dir_all(&tmp).map_err(|e| e.to_string())?;
+    let (ca_pem, cert_pem, key_pem) = private_ca();
+    let write = |name: &str, text: &str| {
+        let path = tmp.join(name);
+        std::fs::write(&path, text).map(|()| path)
+    };
+    let ca_file = write("ca.pem", &ca_pem).map_err(|e| e.to_string())?;
+    let cert_file = write("server.pem", &cert_pem).map_err(|e| e.to_string())?;
+    let key_file = write("server.key", &key_pem).map_err(|e| e.to_string())?;
+    let mut child = Command::new("node")
+        .arg(dir.join("server.mjs"))
+        .current_dir(&dir)
+        .env("IDP_CLIENTS", clients().to_string())
+        .env("IDP_TLS_CERT", &cert_file)
+        .env("IDP_TLS_KEY", &key_file)
+        .env("IDP_TMP", &tmp)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("could not start node: {e}"))?;
+    let stdin = child.stdin.take().ok_or("no stdin")?;
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    // Blocks until the server says it listens (or exits): readiness, not a sleep.
+    let mut lines = BufReader::new(stdout).lines();
+    let ports = loop {
+        match lines.next() {
+            Some(Ok(line)) => {
+                if let Some(json) = line.strip_prefix("ready ") {
+                    break serde_json::from_str::<Value>(json).map_err(|e| e.to_string())?;
+                }
+            }
+            _ => {
+                let _ = child.kill();
+                return Err("oidc-provider exited before listening (run \
+                            `node tests/idp/oidc/server.mjs` to see why)"
+                    .into());
+            }
+        }
+    };
+    // Keep draining stdout so that the server never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    let port = |k: &str| {
+        ports[k]
+            .as_u64()
+            .and_then(|p| u16::try_from(p).ok())
+            .ok_or(format!("no {k} port"))
+    };
+    Ok(Oidc {
+        http_port: port("http")?,
+        https_port: port("https")?,
+        child,
+        _stdin: stdin,
+        ca_pem,
+        ca_file,
+        dir: tmp,
+    })
+}
+
+/// A CA and a server certificate for `localhost` (only: `127.0.0.1` is the wrong name)
+/// signed by it: (CA PEM,
+/// server certificate PEM, server key PEM).
+fn private_ca() -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "ctxpool test CA");
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["localhost".to_owned()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    (ca_cert.pem(), leaf.pem(), key.serialize_pem())
+}
