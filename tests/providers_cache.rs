@@ -605,8 +605,9 @@ async fn eviction_takes_expired_entries_before_least_recently_used() {
         .get_or_fetch(&short, ok_fetch(&count, secs(120)))
         .await
         .unwrap();
-    // `short` expires (120 - 60 s margin); `old` is the least recently used but valid.
-    tokio::time::advance(secs(61)).await;
+    // `short` expires (120 s less its 12 s margin: 10 % of the lifetime); `old` is the
+    // least recently used but valid.
+    tokio::time::advance(secs(109)).await;
     cache
         .get_or_fetch(&new, ok_fetch(&count, secs(3600)))
         .await

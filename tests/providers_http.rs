@@ -270,7 +270,11 @@ fn authority_must_be_https_except_loopback() {
         ("http://127.0.0.1:8080/tenant", true),
         ("http://localhost:8080", true),
         ("http://[::1]:8080/", true),
-        ("http://127.0.0.2:8080/", false),
+        // One loopback rule for the block and the validator: any loopback address.
+        ("http://127.0.0.2:8080/", true),
+        ("http://127.0.0.1.example.com/", false),
+        ("http://localhost.example.com/", false),
+        ("http://[::2]:8080/", false),
     ];
     for (authority, ok) in cases {
         let value = block("azure_tokens", "client_credentials", authority);
@@ -526,7 +530,7 @@ async fn malformed_error_code_is_not_echoed() {
 }
 
 #[tokio::test]
-async fn client_error_without_oauth_error_is_not_retried() {
+async fn client_error_without_oauth_error_is_a_refusal_not_retried() {
     let server = MockServer::start().await;
     Mock::given(method("POST"))
         .respond_with(ResponseTemplate::new(404).set_body_string(format!("no {SECRET}")))
@@ -537,8 +541,19 @@ async fn client_error_without_oauth_error_is_not_retried() {
         .fetch(None, None)
         .await
         .unwrap_err();
-    assert_unavailable(&error);
-    assert!(error.to_string().contains("404"), "{error}");
+    // Like Glewlwyd's bare 403 for a wrong secret: a refusal, not an outage.
+    assert!(
+        matches!(
+            error,
+            ProviderError::Refused {
+                status: 404,
+                code: None
+            }
+        ),
+        "{error:?}"
+    );
+    assert_no_secret(&format!("{error} {error:?}"));
+    assert!(error.to_string().contains("no OAuth error code"), "{error}");
 }
 
 #[tokio::test]
@@ -707,9 +722,77 @@ async fn missing_access_token_is_unavailable() {
 }
 
 #[tokio::test]
-async fn missing_or_invalid_expires_in_is_unavailable() {
+async fn missing_expires_in_takes_the_jwt_exp_or_the_default_or_is_not_cached() {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let jwt = {
+        use base64::Engine;
+        let enc = |v: serde_json::Value| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+        };
+        format!(
+            "{}.{}.c2ln",
+            enc(json!({"alg": "RS256"})),
+            enc(json!({"exp": now + 600}))
+        )
+    };
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(body_string_contains("client_id=jwt"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({ "access_token": jwt })))
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({ "access_token": TOKEN })))
+        .mount(&server)
+        .await;
+    let authority = format!("{}/tenant", server.uri());
+    let mut value = block("azure_tokens", "client_credentials", &authority);
+    value["client_id"] = json!("jwt");
+    let from_jwt = HttpTokenSource::new(&load_json(&value).unwrap(), fast_options())
+        .unwrap()
+        .fetch(None, None)
+        .await
+        .unwrap();
+    // Whole seconds, counted from a clock read a moment earlier.
+    assert!(
+        (Duration::from_secs(598)..=Duration::from_secs(600)).contains(&from_jwt.expires_in),
+        "{from_jwt:?}"
+    );
+    let opaque = entra(&server, "client_credentials")
+        .fetch(None, None)
+        .await
+        .unwrap();
+    assert_eq!(
+        opaque.expires_in,
+        Duration::ZERO,
+        "unknown: used, not cached"
+    );
+    let mut value = block("azure_tokens", "client_credentials", &authority);
+    value["default_token_lifetime"] = json!(120);
+    let from_block = HttpTokenSource::new(&load_json(&value).unwrap(), fast_options())
+        .unwrap()
+        .fetch(None, None)
+        .await
+        .unwrap();
+    assert_eq!(from_block.expires_in, Duration::from_secs(120));
+    let options = HttpOptions {
+        default_lifetime: Some(Duration::from_secs(30)),
+        ..fast_options()
+    };
+    let from_code = HttpTokenSource::new(&load_json(&value).unwrap(), options)
+        .unwrap()
+        .fetch(None, None)
+        .await
+        .unwrap();
+    assert_eq!(from_code.expires_in, Duration::from_secs(30), "code wins");
+}
+
+#[tokio::test]
+async fn invalid_expires_in_is_unavailable() {
     for body in [
-        json!({ "access_token": TOKEN }),
         json!({ "access_token": TOKEN, "expires_in": "soon" }),
         json!({ "access_token": TOKEN, "expires_in": -5 }),
         json!({ "access_token": TOKEN, "expires_in": 0 }),

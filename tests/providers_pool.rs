@@ -210,3 +210,50 @@ async fn token_identities_need_a_validator_by_default() {
     assert_eq!(server.stats().connects, 0);
     // `expect(0)`: refused before any token request.
 }
+
+#[tokio::test]
+async fn a_slow_identity_provider_is_retried_within_the_apply_timeout() {
+    // A shape a real server cannot be made to send on demand: an answer slower than the
+    // attempt timeout, every time.
+    let idp = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(token_response("db").set_delay(std::time::Duration::from_secs(30)))
+        .mount(&idp)
+        .await;
+    let options = ctxpool::providers::token_source::HttpOptions {
+        total_timeout: std::time::Duration::from_millis(400),
+        max_retries: 10,
+        base_backoff: std::time::Duration::from_millis(1),
+        max_backoff: std::time::Duration::from_millis(5),
+        ..Default::default()
+    };
+    let provider =
+        EndUserSecProvider::with_http_options(params(&idp, "client_credentials"), options).unwrap();
+    let server = MemServer::new();
+    let pool = Pool::builder(MemBackend::new(server.clone()))
+        .max_size(1)
+        .timeouts(ctxpool::Timeouts {
+            apply: std::time::Duration::from_millis(1000),
+            ..Default::default()
+        })
+        .provider(provider)
+        .build()
+        .unwrap();
+    let err = pool
+        .acquire_as(EndUserIdentity::named("alice", None))
+        .await
+        .unwrap_err();
+    eprintln!("user sees: {err}");
+    // The provider's own account, not the pool's bare Timeout(Apply): it knew the deadline.
+    let PoolError::Provider(ProviderError::Unavailable(message)) = &err else {
+        panic!("{err:?}");
+    };
+    assert!(message.contains("attempts in"), "{message}");
+    assert!(
+        message.contains("last: the token request timed out after"),
+        "{message}"
+    );
+    assert!(message.contains("no time left"), "{message}");
+    let requests = idp.received_requests().await.unwrap().len();
+    assert!((2..=10).contains(&requests), "{requests} attempts");
+}
