@@ -398,3 +398,49 @@ async fn the_layer_and_the_provider_verify_a_token_once() {
     assert_eq!(response.into_body(), "hr_employee");
     assert_eq!(validator.verified_count(), 1);
 }
+
+/// The README's provider snippet, line for line, with the test IdP and the in-process
+/// backend as `manager`.
+#[cfg(feature = "tower")]
+#[tokio::test]
+async fn readme_provider_and_layer_snippets() -> Result<(), Box<dyn std::error::Error>> {
+    use ctxpool::Pool;
+    use ctxpool::middleware::IdentityLayer;
+
+    let idp = oidc();
+    let mut block = block(
+        "azure_tokens",
+        "on_behalf_of",
+        entra("readme").0,
+        "entra-app",
+        ENTRA_SECRET,
+    );
+    block["token_validation"] = validation(idp);
+    let dir = std::env::temp_dir().join(format!("ctxpool-readme-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let db_json = dir.join("db.json");
+    std::fs::write(
+        &db_json,
+        json!({"extra_auth_params": {"end_user_sec_params": block}}).to_string(),
+    )?;
+    let manager = ctxpool_testkit::MemBackend::new(ctxpool_testkit::MemServer::new());
+    let bearer = idp.user_token("dave", "api://hr", &["hr_employee"]).await;
+
+    // ---- the README's lines ----
+    let params = EndUserSecParams::from_json(&std::fs::read_to_string(db_json)?)?;
+    let provider = EndUserSecProvider::new(params)?;
+    // The validator of the block's token_validation, shared with the layer (a cheap clone).
+    let validator = provider
+        .validator()
+        .cloned()
+        .ok_or("token_validation is missing")?;
+    let pool = Pool::builder(manager).provider(provider).build()?;
+    let layer = IdentityLayer::new().token_check(validator);
+    let conn = pool.acquire_as(EndUserIdentity::token(bearer)).await?; // fetches or reuses the token
+    // ---- end ----
+
+    let _ = std::fs::remove_dir_all(&dir);
+    drop(conn);
+    drop(layer);
+    Ok(())
+}
