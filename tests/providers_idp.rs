@@ -325,7 +325,6 @@ async fn private_ca_over_https() {
     source.fetch(None, None).await.unwrap();
 
     // The certificate names localhost, not the address.
-    let mut value = value;
     value["authority"] = json!(format!("https://127.0.0.1:{}/oci", idp.https_port));
     let source = HttpTokenSource::new(&params(&value), fast()).unwrap();
     let error = source.fetch(None, None).await.unwrap_err();
