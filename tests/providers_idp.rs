@@ -115,22 +115,24 @@ async fn entra_client_credentials_a_300_s_token_is_cached() {
 
 #[tokio::test]
 async fn oci_client_credentials_with_a_secret_of_plus_slash_equals_percent() {
-    let idp = oidc();
-    let authority = format!("{}/oci", idp.http());
-    let source = HttpTokenSource::new(
-        &params(&block(
-            "oci_tokens",
-            "client_credentials",
-            authority,
-            "oci-app",
-            ODD_SECRET,
-        )),
-        fast(),
-    )
-    .unwrap();
+    let source = oci("odd-secret", ODD_SECRET);
     let token = source.fetch(None, None).await.unwrap();
     assert_eq!(claims(token.token.expose_secret())["client_id"], "oci-app");
     assert_eq!(token.expires_in, Duration::from_secs(300));
+}
+
+/// An OCI-shaped client-credentials source for `oci-app` with `secret`, on a prefix of its
+/// own.
+fn oci(name: &str, secret: &str) -> HttpTokenSource {
+    let authority = format!("{}/{name}", oidc().http());
+    let value = block(
+        "oci_tokens",
+        "client_credentials",
+        authority,
+        "oci-app",
+        secret,
+    );
+    HttpTokenSource::new(&params(&value), fast()).unwrap()
 }
 
 async fn refusal(name: &str, client: &str, secret: &str) -> ProviderError {
@@ -155,47 +157,33 @@ async fn refusal(name: &str, client: &str, secret: &str) -> ProviderError {
     error
 }
 
+/// A 401 `invalid_client` refusal, shown as the user sees it.
+fn assert_invalid_client(error: &ProviderError) {
+    assert!(
+        matches!(error, ProviderError::Refused { status: 401, code: Some(c) } if c == "invalid_client"),
+        "{error:?}"
+    );
+    shown(error);
+}
+
 #[tokio::test]
 async fn wrong_secret_is_a_refusal_not_an_outage() {
     let error = refusal("wrong-secret", "entra-app", "wrong").await;
-    assert!(
-        matches!(&error, ProviderError::Refused { status: 401, code: Some(c) } if c == "invalid_client"),
-        "{error:?}"
-    );
-    shown(&error);
+    assert_invalid_client(&error);
 }
 
 #[tokio::test]
 async fn oci_wrong_secret_is_a_refusal() {
-    let idp = oidc();
-    let authority = format!("{}/oci", idp.http());
-    let source = HttpTokenSource::new(
-        &params(&block(
-            "oci_tokens",
-            "client_credentials",
-            authority,
-            "oci-app",
-            "a b/c=d%e f",
-        )),
-        fast(),
-    )
-    .unwrap();
+    // What the secret becomes when a server decodes `+` as a space: not the secret.
+    let source = oci("oci-wrong-secret", "a b/c=d%e f");
     let error = source.fetch(None, None).await.unwrap_err();
-    assert!(
-        matches!(&error, ProviderError::Refused { status: 401, code: Some(c) } if c == "invalid_client"),
-        "{error:?}"
-    );
-    shown(&error);
+    assert_invalid_client(&error);
 }
 
 #[tokio::test]
 async fn unknown_client_is_refused() {
     let error = refusal("unknown-client", "nobody", "x").await;
-    assert!(
-        matches!(&error, ProviderError::Refused { status: 401, code: Some(c) } if c == "invalid_client"),
-        "{error:?}"
-    );
-    shown(&error);
+    assert_invalid_client(&error);
 }
 
 #[tokio::test]
