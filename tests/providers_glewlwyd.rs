@@ -15,14 +15,25 @@ use ctxpool::providers::token_source::{HttpOptions, HttpTokenSource, TokenSource
 use serde_json::json;
 
 fn source(spi: &str, authority: &str, client: &str, secret: &str) -> HttpTokenSource {
-    let params = EndUserSecParams::from_json(
-        &json!({
-            "spi_type": spi, "auth_flow": "client_credentials", "authority": authority,
-            "client_id": client, "client_credential": secret, "scopes": "db",
-        })
-        .to_string(),
-    )
-    .unwrap();
+    with_block(spi, authority, client, secret, json!({}))
+}
+
+/// A source whose block has the `extra` keys too.
+fn with_block(
+    spi: &str,
+    authority: &str,
+    client: &str,
+    secret: &str,
+    extra: serde_json::Value,
+) -> HttpTokenSource {
+    let mut block = json!({
+        "spi_type": spi, "auth_flow": "client_credentials", "authority": authority,
+        "client_id": client, "client_credential": secret, "scopes": "db",
+    });
+    for (key, value) in extra.as_object().unwrap() {
+        block[key] = value.clone();
+    }
+    let params = EndUserSecParams::from_json(&block.to_string()).unwrap();
     let options = HttpOptions {
         base_backoff: Duration::from_millis(1),
         max_backoff: Duration::from_millis(5),
@@ -90,4 +101,10 @@ async fn oci_client_credentials_and_off_spec_refusals() {
         refused(&source("oci_tokens", &authority, "odd-app", "a+b/c=d%e f")).await,
         (403, None)
     );
+    // The extension key for such servers: the credentials as they are.
+    let raw = json!({"basic_auth_encoding": "raw"});
+    with_block("oci_tokens", &authority, "odd-app", "a+b/c=d%e f", raw)
+        .fetch(None, None)
+        .await
+        .unwrap();
 }

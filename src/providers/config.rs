@@ -45,6 +45,7 @@
 //! | `tls_root_store`         | `"webpki"` (default), `"platform"` (the OS store; honours `SSL_CERT_FILE`), `"none"` |
 //! | `tls_ca_file`            | path of a PEM bundle of extra roots (a private CA)        |
 //! | `default_token_lifetime` | seconds assumed for a token without `expires_in` nor JWT `exp` |
+//! | `basic_auth_encoding`    | `"form"` (default: RFC 6749 §2.3.1) or `"raw"`: how OCI's HTTP Basic credentials are written; `"raw"` for servers that do not form-decode them (Glewlwyd 2.7) |
 //! | `token_validation`       | `{ "issuer", "audiences", "jwks_url", "role_claim", "allowed_roles", "leeway_seconds" }`: how end users' tokens are verified |
 //!
 //! Errors name the offending key and never contain the client credential: parse errors
@@ -201,7 +202,22 @@ struct RawParams {
     #[serde(default)]
     default_token_lifetime: Option<u64>,
     #[serde(default)]
+    basic_auth_encoding: Option<BasicAuthEncoding>,
+    #[serde(default)]
     token_validation: Option<RawValidation>,
+}
+
+/// How HTTP Basic client credentials are written (`basic_auth_encoding`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum BasicAuthEncoding {
+    /// Client id and secret form-encoded, then base64 (RFC 6749 §2.3.1).
+    #[default]
+    Form,
+    /// Client id and secret as they are, then base64: for servers that do not form-decode
+    /// (Glewlwyd 2.7 compares the decoded text with the secret as it is).
+    Raw,
 }
 
 /// The `token_validation` extension key.
@@ -263,6 +279,7 @@ pub struct EndUserSecParams {
     tls_root_store: BuiltInRoots,
     tls_ca_file: Option<String>,
     default_token_lifetime: Option<Duration>,
+    basic_auth_encoding: BasicAuthEncoding,
     token_validation: Option<ValidationConfig>,
 }
 
@@ -319,6 +336,7 @@ impl EndUserSecParams {
                 .default_token_lifetime
                 .filter(|s| *s > 0)
                 .map(Duration::from_secs),
+            basic_auth_encoding: raw.basic_auth_encoding.unwrap_or_default(),
             token_validation: match raw.token_validation {
                 None => None,
                 Some(v) => {
@@ -393,6 +411,11 @@ impl EndUserSecParams {
         }
     }
 
+    /// The `basic_auth_encoding` extension key.
+    pub fn basic_auth_encoding(&self) -> BasicAuthEncoding {
+        self.basic_auth_encoding
+    }
+
     /// The `default_token_lifetime` extension key.
     pub fn default_token_lifetime(&self) -> Option<Duration> {
         self.default_token_lifetime
@@ -465,6 +488,7 @@ impl fmt::Debug for EndUserSecParams {
             .field("tls_root_store", &self.tls_root_store)
             .field("tls_ca_file", &self.tls_ca_file)
             .field("default_token_lifetime", &self.default_token_lifetime)
+            .field("basic_auth_encoding", &self.basic_auth_encoding)
             .field("token_validation", &self.token_validation)
             .finish()
     }
@@ -516,6 +540,7 @@ fn explain(block: &Value, error: serde_json::Error) -> String {
             "tls_root_store" => BuiltInRoots::deserialize(value).err(),
             "tls_ca_file" => String::deserialize(value).err(),
             "default_token_lifetime" => u64::deserialize(value).err(),
+            "basic_auth_encoding" => BasicAuthEncoding::deserialize(value).err(),
             "token_validation" => RawValidation::deserialize(value).err(),
             _ => None,
         };

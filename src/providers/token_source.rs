@@ -47,6 +47,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
 use tokio::time::Instant;
 
+pub use super::config::BasicAuthEncoding;
 use super::config::{AuthFlow, ConfigError, EndUserSecParams, SpiType};
 use super::http::{self, BodyError, Transport};
 pub use super::http::{BuiltInRoots, TrustRoots, TrustRootsError};
@@ -125,6 +126,9 @@ pub struct HttpOptions {
     /// not a JWT with an `exp`. `None`: the block's `default_token_lifetime`, else such a
     /// token is used once and not cached.
     pub default_lifetime: Option<Duration>,
+    /// How OCI's HTTP Basic credentials are written. `None`: the block's
+    /// `basic_auth_encoding`, else form-encoded as RFC 6749 §2.3.1 says.
+    pub basic_auth_encoding: Option<BasicAuthEncoding>,
 }
 
 impl Default for HttpOptions {
@@ -137,6 +141,7 @@ impl Default for HttpOptions {
             max_backoff: Duration::from_secs(2),
             trust_roots: None,
             default_lifetime: None,
+            basic_auth_encoding: None,
         }
     }
 }
@@ -161,6 +166,7 @@ pub struct HttpTokenSource {
     scope: String,
     options: HttpOptions,
     default_lifetime: Option<Duration>,
+    basic_auth_encoding: BasicAuthEncoding,
 }
 
 impl fmt::Debug for HttpTokenSource {
@@ -173,6 +179,7 @@ impl fmt::Debug for HttpTokenSource {
             .field("scope", &self.scope)
             .field("options", &self.options)
             .field("default_lifetime", &self.default_lifetime)
+            .field("basic_auth_encoding", &self.basic_auth_encoding)
             .finish()
     }
 }
@@ -245,6 +252,9 @@ impl HttpTokenSource {
         let client = http::client(&roots, options.connect_timeout)
             .map_err(|reason| ConfigError::HttpClient { reason })?;
         let default_lifetime = options.default_lifetime.or(params.default_token_lifetime());
+        let basic_auth_encoding = options
+            .basic_auth_encoding
+            .unwrap_or(params.basic_auth_encoding());
         Ok(Self {
             client,
             endpoint,
@@ -254,6 +264,7 @@ impl HttpTokenSource {
             scope: params.scopes().join(" "),
             options,
             default_lifetime,
+            basic_auth_encoding,
         })
     }
 
@@ -295,7 +306,10 @@ impl HttpTokenSource {
                 form.push(("requested_token_use", "on_behalf_of"));
             }
             Grant::OciClientCredentials => {
-                request = request.header(AUTHORIZATION, basic_credentials(&self.client_id, secret));
+                request = request.header(
+                    AUTHORIZATION,
+                    basic_credentials(&self.client_id, secret, self.basic_auth_encoding),
+                );
                 form.push(("grant_type", "client_credentials"));
                 form.push(("scope", &self.scope));
             }
@@ -443,9 +457,13 @@ fn exhausted(attempts: u32, elapsed: Duration, last: &ProviderError, why: &str) 
 
 /// The HTTP Basic credentials of RFC 6749 §2.3.1: client id and secret each
 /// form-encoded (`application/x-www-form-urlencoded`), joined by `:`, then base64. Without
-/// the form-encoding a `+` in the secret arrives as a space and a `%` as a broken escape.
-fn basic_credentials(client_id: &str, secret: &str) -> HeaderValue {
-    let encode = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+/// the form-encoding a `+` in the secret arrives as a space and a `%` as a broken escape
+/// at a server that decodes as the RFC says; `Raw` is for servers that do not.
+fn basic_credentials(client_id: &str, secret: &str, encoding: BasicAuthEncoding) -> HeaderValue {
+    let encode = |s: &str| match encoding {
+        BasicAuthEncoding::Form => form_urlencoded::byte_serialize(s.as_bytes()).collect(),
+        BasicAuthEncoding::Raw => s.to_owned(),
+    };
     let pair = format!("{}:{}", encode(client_id), encode(secret));
     let encoded = base64::engine::general_purpose::STANDARD.encode(pair);
     // Base64 text is always a valid header value.
