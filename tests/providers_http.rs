@@ -888,3 +888,39 @@ async fn body_cut_short_is_retried_then_unavailable() {
     assert!(error.to_string().contains("cut short"), "{error}");
     assert_eq!(accepted.load(Ordering::SeqCst), 2);
 }
+
+#[test]
+fn extension_keys_are_checked_and_name_their_key() {
+    let mut value = entra_cc_json();
+    value["tls_root_store"] = json!("everything");
+    assert_json_error(&value, "tls_root_store");
+    let mut value = entra_cc_json();
+    value["basic_auth_encoding"] = json!("base32");
+    assert_json_error(&value, "basic_auth_encoding");
+    let mut value = entra_cc_json();
+    value["default_token_lifetime"] = json!(0);
+    assert_json_error(&value, "default_token_lifetime");
+    let mut value = entra_cc_json();
+    value["token_validation"] = json!({"issuer": "https://i", "audiences": "a",
+        "jwks_url": "http://idp.example.com/jwks"});
+    assert_json_error(&value, "token_validation");
+    let mut value = entra_cc_json();
+    value["token_validation"] = json!({"issuer": "https://i", "audiences": "a",
+        "jwks_url": "https://idp.example.com/jwks", "surprise": 1});
+    assert_json_error(&value, "surprise");
+
+    // Read when the provider is built: a missing CA file names the key, not its content.
+    let mut value = entra_cc_json();
+    value["tls_ca_file"] = json!("/nonexistent/ca.pem");
+    let params = load_json(&value).unwrap();
+    let error = HttpTokenSource::new(&params, HttpOptions::default()).unwrap_err();
+    assert!(matches!(error, ConfigError::TrustRoots(_)), "{error:?}");
+    assert!(error.to_string().contains("tls_ca_file"), "{error}");
+
+    // Code takes precedence over the block.
+    let options = HttpOptions {
+        trust_roots: Some(Default::default()),
+        ..HttpOptions::default()
+    };
+    HttpTokenSource::new(&params, options).unwrap();
+}
