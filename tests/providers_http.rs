@@ -331,8 +331,9 @@ fn assertion() -> SecretString {
     SecretString::from(ASSERTION)
 }
 
-/// Asserts that `error` is Unavailable and leaks nothing.
+/// Asserts that `error` is Unavailable and leaks nothing, and shows it as the user sees it.
 fn assert_unavailable(error: &ProviderError) {
+    eprintln!("user sees: {error}");
     assert!(matches!(error, ProviderError::Unavailable(_)), "{error:?}");
     assert_no_secret(&error.to_string());
     assert_no_secret(&format!("{error:?}"));
