@@ -66,6 +66,8 @@
 //! # }
 //! ```
 #![warn(missing_docs)]
+// docs.rs builds with `--cfg docsrs` on nightly: each feature-gated item gets its badge.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![deny(clippy::unwrap_used)]
 
 pub mod backend;
