@@ -12,7 +12,7 @@
 //! The handlers call plain `pool.get()`; they never name the user. [`IdentityLayer`] reads
 //! the `identity` cookie (or `Authorization: Bearer`) and runs each request in an end-user
 //! scope; the pool, built with a [`ContextProvider`], acquires as that user; PostgreSQL's
-//! Row-Level Security policies (`tests/support/hr.sql`) filter the rows.
+//! Row-Level Security policies (`examples/hr.sql`) filter the rows.
 //!
 //! The provider here is [`Directory`], a stand-in for the application's user store that
 //! maps user names to data roles and HR attributes. A deployment with an identity provider
@@ -44,9 +44,6 @@ use ctxpool::{ContextProvider, ContextRequest, ProviderError, SecurityContext};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio_postgres::NoTls;
-
-/// The HR schema and its policies.
-pub const HR_SQL: &str = include_str!("../tests/support/hr.sql");
 
 /// The data roles the pool may enable; anything else is refused before any SQL.
 pub const ALLOWED_ROLES: [&str; 3] = ["hr_employee", "hr_manager", "hr_directory"];
@@ -358,63 +355,17 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// Creates the schema on a scratch database and returns the least-privileged login's URL.
-pub async fn set_up(admin_url: &str) -> String {
-    let (client, conn) = tokio_postgres::connect(admin_url, NoTls)
-        .await
-        .expect("DATABASE_URL");
-    tokio::spawn(conn);
-    client
-        .batch_execute(
-            "DROP SCHEMA IF EXISTS hr CASCADE; DROP ROLE IF EXISTS hr_app; \
-             DROP ROLE IF EXISTS hr_employee; DROP ROLE IF EXISTS hr_manager; \
-             DROP ROLE IF EXISTS hr_auditor;",
-        )
-        .await
-        .expect("reset the demo schema");
-    ctxpool::postgres::install_helpers(&client)
-        .await
-        .expect("helpers");
-    client.batch_execute(HR_SQL).await.expect("HR schema");
-    client
-        .batch_execute("ALTER ROLE hr_app PASSWORD 'hr-demo'")
-        .await
-        .expect("password");
-    let mut cfg: tokio_postgres::Config = admin_url.parse().expect("DATABASE_URL");
-    cfg.user("hr_app").password("hr-demo");
-    let host = match cfg.get_hosts().first() {
-        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
-        _ => "localhost".to_owned(),
-    };
-    let port = cfg.get_ports().first().copied().unwrap_or(5432);
-    let db = cfg.get_dbname().unwrap_or("postgres").to_owned();
-    format!("postgres://hr_app:hr-demo@{host}:{port}/{db}")
-}
-
 #[tokio::main]
 async fn main() {
-    // Keep the cluster alive while serving; dropping it stops the server.
-    let (_cluster, url) = match std::env::var("DATABASE_URL") {
-        Ok(admin) => (None, set_up(&admin).await),
-        Err(_) => {
-            let cluster = match ctxpool_testkit::PgCluster::start() {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("axum_hr: could not start a throwaway PostgreSQL: {e}");
-                    std::process::exit(1);
-                }
-            };
-            cluster
-                .psql("postgres", "CREATE DATABASE hr")
-                .expect("database");
-            cluster
-                .psql("hr", ctxpool::postgres::HELPERS_SQL)
-                .expect("helpers");
-            cluster.psql("hr", HR_SQL).expect("HR schema");
-            let url = cluster.url("hr_app", "hr");
-            (Some(cluster), url)
+    // Keep the database alive while serving; dropping a throwaway one stops it.
+    let database = match ctxpool_testkit::hr::HrDatabase::from_env().await {
+        Ok(database) => database,
+        Err(e) => {
+            eprintln!("axum_hr: could not set up the HR database: {e}");
+            std::process::exit(1);
         }
     };
+    let url = database.app_url().to_owned();
     let port: u16 = std::env::var("PORT")
         .ok()
         .and_then(|p| p.parse().ok())

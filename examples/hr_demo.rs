@@ -12,11 +12,11 @@ use ctxpool::postgres::{
     RoleMapping, Runtime,
 };
 use ctxpool::{EndUserIdentity, SecurityContext};
-use ctxpool_testkit::{ClusterError, PgCluster};
+use ctxpool_testkit::ClusterError;
+use ctxpool_testkit::hr::{HrDatabase, HrError};
 use serde_json::json;
 use tokio_postgres::NoTls;
 
-const HR_SQL: &str = include_str!("../tests/support/hr.sql");
 const LIST: &str = "SELECT name FROM hr.employees ORDER BY id";
 
 struct User {
@@ -121,64 +121,16 @@ where
 
 #[tokio::main]
 async fn main() {
-    // Keep the cluster alive for the whole demo; dropping it stops the server.
-    let (_cluster, app_url, place) = match std::env::var("DATABASE_URL") {
-        Ok(admin) => {
-            let (client, conn) = tokio_postgres::connect(&admin, NoTls)
-                .await
-                .expect("DATABASE_URL");
-            tokio::spawn(conn);
-            client
-                .batch_execute(
-                    "DROP SCHEMA IF EXISTS hr CASCADE; DROP ROLE IF EXISTS hr_app; \
-                     DROP ROLE IF EXISTS hr_employee; DROP ROLE IF EXISTS hr_manager; \
-                     DROP ROLE IF EXISTS hr_auditor;",
-                )
-                .await
-                .expect("reset the demo schema");
-            ctxpool::postgres::install_helpers(&client)
-                .await
-                .expect("helpers");
-            client.batch_execute(HR_SQL).await.expect("HR schema");
-            client
-                .batch_execute("ALTER ROLE hr_app PASSWORD 'hr-demo'")
-                .await
-                .expect("password");
-            let mut cfg: tokio_postgres::Config = admin.parse().expect("DATABASE_URL");
-            cfg.user("hr_app").password("hr-demo");
-            let host = match cfg.get_hosts().first() {
-                Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
-                _ => "localhost".to_owned(),
-            };
-            let port = cfg.get_ports().first().copied().unwrap_or(5432);
-            let db = cfg.get_dbname().unwrap_or("postgres").to_owned();
-            (
-                None,
-                format!("postgres://hr_app:hr-demo@{host}:{port}/{db}"),
-                "DATABASE_URL".to_owned(),
-            )
+    // Keep the database alive for the whole demo; dropping a throwaway one stops it.
+    let database = match HrDatabase::from_env().await {
+        Ok(database) => database,
+        Err(HrError::Cluster(e @ ClusterError::NotInstalled { .. })) => {
+            eprintln!("hr_demo: {e}");
+            std::process::exit(1);
         }
-        Err(_) => {
-            let cluster = match PgCluster::start() {
-                Ok(c) => c,
-                Err(e @ ClusterError::NotInstalled { .. }) => {
-                    eprintln!("hr_demo: {e}");
-                    std::process::exit(1);
-                }
-                Err(e) => panic!("could not start a throwaway PostgreSQL: {e}"),
-            };
-            cluster
-                .psql("postgres", "CREATE DATABASE hr")
-                .expect("database");
-            cluster
-                .psql("hr", ctxpool::postgres::HELPERS_SQL)
-                .expect("helpers");
-            cluster.psql("hr", HR_SQL).expect("HR schema");
-            let url = cluster.url("hr_app", "hr");
-            let place = format!("throwaway cluster on 127.0.0.1:{}", cluster.port());
-            (Some(cluster), url, place)
-        }
+        Err(e) => panic!("could not set up the HR database: {e}"),
     };
+    let (app_url, place) = (database.app_url().to_owned(), database.place());
 
     println!("ctxpool HR demo: PostgreSQL ({place}), one pool, login `hr_app`\n");
     let pool = pool(&app_url, ContextScope::Transaction);

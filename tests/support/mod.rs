@@ -13,15 +13,9 @@ use ctxpool_testkit::PgCluster;
 use serde_json::json;
 use tokio_postgres::NoTls;
 
-pub const HR_SQL: &str = include_str!("hr.sql");
-
 /// A cluster with the helpers and the HR schema in database `hr`.
 pub fn hr_cluster() -> PgCluster {
-    let cluster = PgCluster::start().unwrap_or_else(|e| panic!("{e}"));
-    cluster.psql("postgres", "CREATE DATABASE hr").unwrap();
-    cluster.psql("hr", ctxpool::postgres::HELPERS_SQL).unwrap();
-    cluster.psql("hr", HR_SQL).unwrap();
-    cluster
+    ctxpool_testkit::hr::hr_cluster().unwrap_or_else(|e| panic!("{e}"))
 }
 
 pub fn context_config(scope: ContextScope) -> ContextConfig {

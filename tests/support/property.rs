@@ -45,7 +45,7 @@ use tokio_postgres::{NoTls, Row, RowStream};
 use crate::support::poll::{DELIBERATE_PANIC, PollLimited, silence_deliberate_panics};
 use crate::support::{LIST, alice, bob, context_config, hr_cluster, names};
 
-/// What each identity is, and sees (sorted), per `tests/support/hr.sql`.
+/// What each identity is, and sees (sorted), per `examples/hr.sql`.
 struct Identity {
     name: &'static str,
     role: &'static str,

@@ -15,6 +15,8 @@
 //! - [`PgCluster`], [`PgBouncer`]: a throwaway PostgreSQL server (and a PgBouncer in front
 //!   of it) on a free loopback port in a temporary directory, stopped and deleted however
 //!   the process ends.
+//! - [`hr`]: the HR database of the README, the demo and the tests (`examples/hr.sql`), and
+//!   the harness of the README's doctests.
 //! - [`FlightProxy`]: a loopback TCP proxy that counts round trips and protocol messages and
 //!   adds latency.
 //! - [`sabotage`]: switches that break the PostgreSQL backend's safety on purpose, so a test
@@ -23,6 +25,7 @@
 
 #![warn(missing_docs)]
 
+pub mod hr;
 mod mem_connection;
 mod mem_server;
 mod pg_cluster;
