@@ -89,6 +89,12 @@ pub mod providers;
 pub mod sabotage;
 pub mod scope;
 
+/// The README's Rust snippets, compiled and run as doctests (they need every user-facing
+/// feature): `cargo test --doc --features providers,tower,oracle`.
+#[cfg(all(doctest, feature = "providers", feature = "tower", feature = "oracle"))]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
+
 pub use backend::{Backend, Connection, DiscardReason};
 pub use context::{ContextError, EndUserIdentity, SecurityContext};
 pub use pool::{AcquireAs, Object, Pool, PoolBuilder, PoolConfig, PoolError, Status, Timeouts};
