@@ -26,6 +26,7 @@
 //!   an [`EndUserIdentity`] is completed by the pool's [`ContextProvider`].
 //!
 //! ## Layout
+//! The core, always built:
 //! - [`context`]: [`EndUserIdentity`], [`SecurityContext`] and their validation.
 //! - [`pool`]: [`Pool`], its handle [`Object`], configuration, errors and metrics.
 //! - [`backend`]: the [`Backend`] trait a database implements.
@@ -33,38 +34,55 @@
 //! - [`scope`]: the task-local per-request identity: inside an
 //!   [`EndUserScope`](scope::EndUserScope), a provider-configured pool's [`Pool::get`]
 //!   acquires as the scope's end user.
-//! - `middleware` (feature `tower`): a tower layer that runs each HTTP request in the scope
-//!   of the end user named by its `identity` cookie or `Authorization: Bearer` header.
+//!
+//! Backends, providers and middleware, each behind a feature:
+//! - `postgres` (feature `postgres`, on by default): the PostgreSQL backend, a drop-in for
+//!   deadpool-postgres; contexts become a role and settings that Row-Level Security
+//!   policies read.
 //! - `oracle` (feature `oracle`): the Oracle AI Database 26ai backend, on the server's own
 //!   Deep Data Security end-user security context.
+//! - `providers` (feature `providers`): the `end_user_sec_params` block, Entra ID and OCI
+//!   IAM token endpoints, a token cache and end-user token validation.
+//! - `middleware` (feature `tower`): a tower layer that runs each HTTP request in the scope
+//!   of the end user named by its `identity` cookie or `Authorization: Bearer` header.
 //!
-//! Dependencies point one way: backends and providers depend on the core, never the reverse.
+//! Dependencies point one way: backends, providers and middleware depend on the core,
+//! never the reverse.
 //!
-//! ## Quick start (in-process backend)
+//! ## Quick start (PostgreSQL)
+//! The database needs a login for the pool, the data roles granted to it, ctxpool's SQL
+//! helpers and Row-Level Security policies that read them: `examples/hr.sql` in the
+//! repository is a complete set-up, and the README's "Database set-up" explains it.
 //! ```
-//! # tokio_test_block_on(async {
-//! use ctxpool::{EndUserIdentity, Pool, SecurityContext};
-//! use ctxpool_testkit::{MemBackend, MemServer, Statement};
+//! # #[cfg(feature = "postgres")]
+//! # ctxpool_testkit::hr::on_hr_database(|database_url| async move {
+//! use ctxpool::postgres::{Config, ContextConfig, RoleMapping, Runtime};
+//! use ctxpool::{EndUserIdentity, SecurityContext};
 //!
-//! let server = MemServer::new();
-//! let pool = Pool::builder(MemBackend::new(server.clone())).max_size(4).build()?;
+//! // One pool, for the one least-privileged login (`postgres://hr_app@…/hr`).
+//! let mut cfg = Config::new();
+//! cfg.url = Some(database_url);
+//! cfg.context = Some(ContextConfig::new(RoleMapping::FirstDataRole, ["hr_employee", "hr_manager"]));
+//! let pool = cfg.create_pool(Some(Runtime::Tokio1), tokio_postgres::NoTls)?;
 //!
-//! let alice = SecurityContext::builder(EndUserIdentity::named("alice", None), "db-token")
-//!     .data_roles(["hr_role"])
+//! // Per request: alice, an employee, sees her own row; the database decides.
+//! let alice = SecurityContext::builder(EndUserIdentity::named("alice", None), "unused-on-postgres")
+//!     .data_roles(["hr_employee"])
+//!     .attributes(serde_json::json!({"hr.hcm_context": {"emp_id": 3, "org_id": 5}}))
 //!     .build()?;
-//! let mut conn = pool.acquire_as(&alice).await?;
-//! let seen = conn.execute(Statement::Query).await?;
-//! assert_eq!(seen.end_user.as_deref(), Some("alice"));
-//! drop(conn); // the context is cleared; the next statement on this connection resets it
+//! let client = pool.acquire_as(&alice).await?;
+//! let rows = client.query("SELECT name FROM hr.employees", &[]).await?;
+//! assert_eq!(rows.iter().map(|r| r.get::<_, String>(0)).collect::<Vec<_>>(), ["Alan"]);
+//! drop(client); // the context is cleared; nothing of it reaches the next acquirer
 //!
-//! let mut plain = pool.get().await?;
-//! assert_eq!(plain.execute(Statement::Query).await?.end_user, None);
-//! # Ok::<(), Box<dyn std::error::Error>>(())
-//! # }).unwrap();
-//! # fn tokio_test_block_on<F: std::future::Future>(f: F) -> F::Output {
-//! #     tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(f)
-//! # }
+//! // No identity: the plain login, which no policy lets see a row.
+//! let plain = pool.get().await?;
+//! assert!(plain.query("SELECT name FROM hr.employees", &[]).await?.is_empty());
+//! # Ok(())
+//! # });
 //! ```
+//! The doctest runs on a throwaway PostgreSQL started by ctxpool's test kit (the hidden
+//! lines); a service passes its own URL.
 #![warn(missing_docs)]
 // docs.rs builds with `--cfg docsrs` on nightly: each feature-gated item gets its badge.
 #![cfg_attr(docsrs, feature(doc_cfg))]

@@ -2,26 +2,28 @@
 //! policies read. A drop-in for deadpool-postgres: replace `deadpool_postgres` with
 //! `ctxpool::postgres` in your imports.
 //!
-//! ```no_run
+//! ```
 //! use ctxpool::postgres::{Config, ContextConfig, ManagerConfig, RecyclingMethod, RoleMapping, Runtime};
 //! use ctxpool::{EndUserIdentity, SecurityContext};
 //! use tokio_postgres::NoTls;
 //!
-//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! # ctxpool_testkit::hr::on_hr_database(|database_url| async move {
 //! let mut cfg = Config::new();
-//! cfg.url = Some("postgres://hr_app@127.0.0.1/hr".into());
+//! cfg.url = Some(database_url); // postgres://hr_app@…/hr, the one least-privileged login
 //! cfg.manager = Some(ManagerConfig { recycling_method: RecyclingMethod::Fast });
 //! cfg.context = Some(ContextConfig::new(RoleMapping::FirstDataRole, ["hr_employee", "hr_manager"]));
 //! let pool = cfg.create_pool(Some(Runtime::Tokio1), NoTls)?;
 //!
-//! let alice = SecurityContext::builder(EndUserIdentity::named("alice", None), "db-token")
+//! let alice = SecurityContext::builder(EndUserIdentity::named("alice", None), "unused-on-postgres")
 //!     .data_roles(["hr_employee"])
 //!     .attributes(serde_json::json!({"hr.hcm_context": {"emp_id": 3, "org_id": 5}}))
 //!     .build()?;
 //! let client = pool.acquire_as(&alice).await?;
 //! let stmt = client.prepare_cached("SELECT name FROM hr.employees").await?;
 //! let rows = client.query(&stmt, &[]).await?; // only the rows alice's policies allow
-//! # Ok(()) }
+//! assert_eq!(rows.len(), 1);
+//! # Ok(())
+//! # });
 //! ```
 //!
 //! # The mapping
