@@ -83,6 +83,7 @@
 //! ```
 //! The doctest runs on a throwaway PostgreSQL started by ctxpool's test kit (the hidden
 //! lines); a service passes its own URL.
+#![forbid(unsafe_code)]
 #![warn(missing_docs)]
 // docs.rs builds with `--cfg docsrs` on nightly: each feature-gated item gets its badge.
 #![cfg_attr(docsrs, feature(doc_cfg))]
@@ -106,6 +107,7 @@ pub mod providers;
 #[doc(hidden)]
 pub mod sabotage;
 pub mod scope;
+mod take_once;
 
 /// The README's Rust snippets, compiled and run as doctests (they need every user-facing
 /// feature): `cargo test --doc --features providers,tower,oracle`.

@@ -15,32 +15,28 @@ use super::session::{Params, Session, may_open_transaction};
 use super::translate::{DriverContext, translate};
 use crate::backend::{Connection, DiscardReason};
 use crate::context::SecurityContext;
+use crate::take_once::TakeOnce;
 
 /// A driver session that is closed on a blocking thread when dropped: closing an Oracle
 /// connection is a round trip (logoff), which must not block the async runtime.
-pub(crate) struct Closer<S: Session>(Option<S>);
+pub(crate) struct Closer<S: Session>(TakeOnce<S>);
 
 impl<S: Session> Closer<S> {
     pub(crate) fn new(session: S) -> Self {
-        Self(Some(session))
+        Self(TakeOnce::new(session))
     }
 }
 
 impl<S: Session> Deref for Closer<S> {
     type Target = S;
     fn deref(&self) -> &S {
-        // Only `drop` takes the session out.
-        self.0
-            .as_ref()
-            .unwrap_or_else(|| unreachable!("session taken before drop"))
+        &self.0
     }
 }
 
 impl<S: Session> DerefMut for Closer<S> {
     fn deref_mut(&mut self) -> &mut S {
-        self.0
-            .as_mut()
-            .unwrap_or_else(|| unreachable!("session taken before drop"))
+        &mut self.0
     }
 }
 

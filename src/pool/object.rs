@@ -1,13 +1,13 @@
 //! The pooled handle: a connection checked out under at most one end user's context.
 
 use std::fmt;
-use std::mem::ManuallyDrop;
 use std::ops::{Deref, DerefMut};
 
 use deadpool::managed;
 
 use crate::backend::{Backend, Connection, DiscardReason};
 use crate::context::SecurityContext;
+use crate::take_once::TakeOnce;
 
 use super::manager::Manager;
 
@@ -27,15 +27,14 @@ use super::metrics;
 /// ([`DiscardReason`]). Either way its slot is freed at once.
 #[must_use = "dropping the handle returns the connection to the pool at once"]
 pub struct Object<B: Backend> {
-    // ManuallyDrop so that `Drop` and `take` can move the deadpool object out exactly
-    // once, without an `Option` to check on every dereference.
-    inner: ManuallyDrop<managed::Object<Manager<B>>>,
+    // `Drop` and `take` move the deadpool object out, once.
+    inner: TakeOnce<managed::Object<Manager<B>>>,
 }
 
 impl<B: Backend> Object<B> {
     pub(crate) fn new(inner: managed::Object<Manager<B>>) -> Self {
         Self {
-            inner: ManuallyDrop::new(inner),
+            inner: TakeOnce::new(inner),
         }
     }
 
@@ -85,10 +84,12 @@ impl<B: Backend> Object<B> {
 
     /// Takes the connection out of the pool for good, with its context cleared. The pool's
     /// size shrinks by one, so a new connection may be opened in its place.
-    pub fn take(this: Self) -> B::Connection {
-        let mut this = ManuallyDrop::new(this);
-        // SAFETY: `this` is never dropped (ManuallyDrop), so `inner` is moved out once.
-        let inner = unsafe { ManuallyDrop::take(&mut this.inner) };
+    pub fn take(mut this: Self) -> B::Connection {
+        // Only `drop` takes it otherwise, and that has not run yet. When `this` drops at
+        // the end, its `Drop` finds nothing left to do.
+        let Some(inner) = this.inner.take() else {
+            unreachable!("a handle's connection is taken only by `take` or `drop`")
+        };
         let mut conn = managed::Object::take(inner);
         conn.clear_context();
         conn
@@ -97,9 +98,11 @@ impl<B: Backend> Object<B> {
 
 impl<B: Backend> Drop for Object<B> {
     fn drop(&mut self) {
+        // Nothing left: `Object::take` has taken the connection out of the pool.
+        let Some(mut inner) = self.inner.take() else {
+            return;
+        };
         let _span = tracing::trace_span!("ctxpool.release").entered();
-        // SAFETY: `drop` runs once and `inner` is not touched again.
-        let mut inner = unsafe { ManuallyDrop::take(&mut self.inner) };
         // Clear first: nothing the checks below decide may depend on the old context.
         inner.clear_context();
         let verdict = if std::thread::panicking() {
