@@ -50,7 +50,7 @@ use std::future::Future;
 
 use serde_json::Value;
 
-use crate::context::{Attributes, ContextError, EndUserIdentity, check_data_roles};
+use crate::context::{Attributes, ContextError, EndUserIdentity, add_data_roles, check_data_roles};
 use crate::provider::{ContextRequest, Verification};
 
 tokio::task_local! {
@@ -258,15 +258,7 @@ where
     if state.identity.is_none() {
         return Err(ScopeError::NoIdentity);
     }
-    for role in roles {
-        if !state
-            .extra_data_roles
-            .iter()
-            .any(|r| r.eq_ignore_ascii_case(&role))
-        {
-            state.extra_data_roles.push(role);
-        }
-    }
+    add_data_roles(&mut state.extra_data_roles, roles);
     Ok(CURRENT.scope(RefCell::new(state), future))
 }
 

@@ -13,6 +13,6 @@ mod validate;
 pub use attributes::Attributes;
 pub use error::{ContextError, Field, MAX_ECHO};
 pub use identity::{EndUserIdentity, IdentityKind, MAX_NAME_LEN};
-pub(crate) use security_context::check_data_roles;
 pub use security_context::{MAX_ENCODED_LEN, SecurityContext, SecurityContextBuilder};
+pub(crate) use security_context::{add_data_roles, check_data_roles};
 pub use validate::MAX_IDENTIFIER_LEN;

@@ -120,11 +120,32 @@ pub(crate) fn check_data_roles(roles: &[String]) -> Result<(), ContextError> {
         if !validate::is_identifier(role) {
             return Err(ContextError::InvalidDataRole(field));
         }
-        if roles[..i].iter().any(|r| r.eq_ignore_ascii_case(role)) {
+        if names_role(&roles[..i], role) {
             return Err(ContextError::DuplicateDataRole(field));
         }
     }
     Ok(())
+}
+
+/// Whether `roles` holds `role`. Role names are SQL identifiers, which the databases fold
+/// to one case: `HR_Manager` and `hr_manager` are the same role.
+fn names_role(roles: &[String], role: &str) -> bool {
+    roles.iter().any(|r| r.eq_ignore_ascii_case(role))
+}
+
+/// Appends to `roles`, in order, each of `extra` it does not hold yet (in any case): the
+/// union of data roles that an elevation makes. Returns whether any role was added.
+pub(crate) fn add_data_roles(
+    roles: &mut Vec<String>,
+    extra: impl IntoIterator<Item = String>,
+) -> bool {
+    let before = roles.len();
+    for role in extra {
+        if !names_role(roles, &role) {
+            roles.push(role);
+        }
+    }
+    roles.len() > before
 }
 
 impl SecurityContext {

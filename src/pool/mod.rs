@@ -25,7 +25,7 @@ pub use error::{BuildError, PoolError, TimeoutType};
 pub use object::{AttachError, Object};
 
 use crate::backend::Backend;
-use crate::context::{EndUserIdentity, SecurityContext};
+use crate::context::{EndUserIdentity, SecurityContext, add_data_roles};
 use crate::provider::{ContextProvider, ContextRequest, ProviderError};
 use manager::{Manager, ManagerError};
 
@@ -275,15 +275,13 @@ fn elevate(
     context: SecurityContext,
     extra: &[String],
 ) -> Result<SecurityContext, crate::context::ContextError> {
-    let own = context.data_roles();
-    let added: Vec<&String> = extra
-        .iter()
-        .filter(|r| !own.iter().any(|o| o.eq_ignore_ascii_case(r)))
-        .collect();
-    if added.is_empty() {
+    if extra.is_empty() {
         return Ok(context);
     }
-    let roles: Vec<String> = own.iter().chain(added).cloned().collect();
+    let mut roles = context.data_roles().to_vec();
+    if !add_data_roles(&mut roles, extra.iter().cloned()) {
+        return Ok(context);
+    }
     context.with_data_roles(roles)
 }
 
