@@ -4,9 +4,11 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::HashSet;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::thread::ThreadId;
 use std::time::Duration;
+
+use parking_lot::{Condvar, Mutex, MutexGuard};
 
 use super::error::OracleError;
 use super::session::{Params, Session};
@@ -85,7 +87,7 @@ pub(crate) struct Script {
 
 impl Script {
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.0.lock().unwrap_or_else(|e| e.into_inner())
+        self.state.0.lock()
     }
 
     pub(crate) fn backend(&self) -> OracleBackend<Recorder> {
@@ -136,7 +138,7 @@ impl Script {
     fn wait_gate(&self) {
         let mut s = self.lock();
         while !s.gate_open {
-            s = self.state.1.wait(s).unwrap_or_else(|e| e.into_inner());
+            self.state.1.wait(&mut s);
         }
     }
 

@@ -1,8 +1,8 @@
 //! A per-connection cache of prepared statements, for `prepare_cached`.
 
 use std::collections::HashMap;
-use std::sync::{PoisonError, RwLock};
 
+use parking_lot::RwLock;
 use tokio_postgres::Statement;
 use tokio_postgres::types::Type;
 
@@ -17,32 +17,24 @@ pub struct StatementCache {
 impl StatementCache {
     /// How many statements are cached.
     pub fn size(&self) -> usize {
-        self.map
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .len()
+        self.map.read().len()
     }
 
     /// Forgets every statement (they stay prepared on the server).
     pub fn clear(&self) {
-        self.map
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clear();
+        self.map.write().clear();
     }
 
     /// Forgets one statement.
     pub fn remove(&self, query: &str, types: &[Type]) -> Option<Statement> {
         self.map
             .write()
-            .unwrap_or_else(PoisonError::into_inner)
             .remove(&(query.to_owned(), types.to_owned()))
     }
 
     pub(crate) fn get(&self, query: &str, types: &[Type]) -> Option<Statement> {
         self.map
             .read()
-            .unwrap_or_else(PoisonError::into_inner)
             .get(&(query.to_owned(), types.to_owned()))
             .cloned()
     }
@@ -50,7 +42,6 @@ impl StatementCache {
     pub(crate) fn insert(&self, query: &str, types: &[Type], statement: Statement) {
         self.map
             .write()
-            .unwrap_or_else(PoisonError::into_inner)
             .insert((query.to_owned(), types.to_owned()), statement);
     }
 }

@@ -43,14 +43,15 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
+use parking_lot::{Mutex, MutexGuard};
 use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
-use tokio::sync::watch;
 use tokio::time::Instant;
 
+use super::flight::{Flights, Leader, Turn, Waiter};
 use crate::ProviderError;
 
 /// What a cached token was issued for: provider, authority, client, scopes and, for
@@ -205,14 +206,6 @@ impl CacheOptions {
 /// [`ProviderError`] is not `Clone`; each waiter gets an equivalent copy.
 type Outcome = Result<SecretString, Arc<ProviderError>>;
 
-/// A fetch in progress for one key. Waiters subscribe to its outcome; the fetching caller
-/// holds the sender, so its disappearance (cancellation, panic) closes the channel and
-/// wakes them.
-struct Flight {
-    id: u64,
-    outcome: watch::Receiver<Option<Outcome>>,
-}
-
 /// A cached token with its last use, for LRU eviction.
 struct Slot {
     cached: CachedToken,
@@ -222,13 +215,12 @@ struct Slot {
 #[derive(Default)]
 struct State {
     tokens: HashMap<CacheKey, Slot>,
-    flights: HashMap<CacheKey, Flight>,
+    /// The fetches in progress, under the same lock as the tokens they fill in.
+    flights: Flights<CacheKey, Outcome>,
     /// Number of per-user keys in `tokens`, kept so that the bound check is O(1).
     user_entries: usize,
     /// Logical clock for LRU; a counter rather than an instant so that ties cannot occur.
     tick: u64,
-    /// Flight ids, so that a cancelled fetcher removes its own flight and not a newer one.
-    next_flight: u64,
     /// Bumped by `clear`: a fetch started before a clear does not repopulate the cache.
     generation: u64,
 }
@@ -283,12 +275,11 @@ enum Step {
     /// A valid token, outside the refresh window (or being refreshed by someone else).
     Hit(SecretString),
     /// Wait for another caller's fetch.
-    Wait(watch::Receiver<Option<Outcome>>),
+    Wait(Waiter<Outcome>),
     /// Fetch; this caller leads the flight.
     Lead {
-        id: u64,
+        leader: Leader<Outcome>,
         generation: u64,
-        sender: watch::Sender<Option<Outcome>>,
     },
 }
 
@@ -342,34 +333,18 @@ impl TokenCache {
         loop {
             match self.step(key) {
                 Step::Hit(token) => return Ok(token),
-                Step::Wait(mut outcome) => {
-                    // Copy the outcome out at once: the borrow holds the channel's lock.
-                    let seen = outcome
-                        .wait_for(Option::is_some)
-                        .await
-                        .ok()
-                        .and_then(|seen| seen.clone());
-                    match seen {
-                        Some(Ok(token)) => return Ok(token),
-                        Some(Err(error)) => return Err(replicate(&error)),
-                        // The fetching caller went away without an outcome (cancelled or
-                        // panicked): look again, and lead if nobody else does.
-                        None => continue,
-                    }
-                }
-                Step::Lead {
-                    id,
-                    generation,
-                    sender,
-                } => {
-                    let guard = FlightGuard {
-                        cache: self,
-                        key,
-                        id,
-                        sender: Some(sender),
-                    };
+                Step::Wait(waiter) => match waiter.outcome().await {
+                    Some(Ok(token)) => return Ok(token),
+                    Some(Err(error)) => return Err(replicate(&error)),
+                    // The fetching caller went away without an outcome (cancelled or
+                    // panicked): look again, and lead if nobody else does.
+                    None => continue,
+                },
+                Step::Lead { leader, generation } => {
+                    // Cancelled or panicking here, the leader drops with the future and
+                    // its waiters take over.
                     let result = fetch().await;
-                    return self.complete(guard, generation, result);
+                    return self.complete(key, leader, generation, result);
                 }
             }
         }
@@ -394,10 +369,9 @@ impl TokenCache {
         state.generation += 1;
     }
 
-    /// The cache holds no invariant that a panic while locked could break halfway (no code
-    /// that can panic runs under the lock), so a poisoned lock is used as is.
+    /// Held briefly and never across an `.await`.
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+        self.state.lock()
     }
 
     /// Looks at the cache and decides, atomically, what this caller does.
@@ -420,21 +394,19 @@ impl TokenCache {
             // Expired: never returned again, so free it now.
             state.remove(key);
         }
-        if let Some(flight) = state.flights.get(key) {
+        if valid
+            && state.flights.is_running(key)
+            && let Some(slot) = state.tokens.get(key)
+        {
             // Someone is already refreshing ahead; the cached token is still good.
-            if valid && let Some(slot) = state.tokens.get(key) {
-                return Step::Hit(slot.cached.token.clone());
-            }
-            return Step::Wait(flight.outcome.clone());
+            return Step::Hit(slot.cached.token.clone());
         }
-        state.next_flight += 1;
-        let id = state.next_flight;
-        let (sender, outcome) = watch::channel(None);
-        state.flights.insert(key.clone(), Flight { id, outcome });
-        Step::Lead {
-            id,
-            generation: state.generation,
-            sender,
+        match state.flights.join(key) {
+            Turn::Wait(waiter) => Step::Wait(waiter),
+            Turn::Lead(leader) => Step::Lead {
+                leader,
+                generation: state.generation,
+            },
         }
     }
 
@@ -442,15 +414,13 @@ impl TokenCache {
     /// returns this caller's result.
     fn complete(
         &self,
-        mut guard: FlightGuard<'_>,
+        key: &CacheKey,
+        leader: Leader<Outcome>,
         generation: u64,
         result: Result<(SecretString, Duration), ProviderError>,
     ) -> Result<SecretString, ProviderError> {
         let now = Instant::now();
-        let key = guard.key;
         let mut state = self.lock();
-        remove_flight(&mut state, key, guard.id);
-        let sender = guard.sender.take();
         let (outcome, result) = match result {
             Ok((token, expires_in)) => {
                 let (margin, refresh_ahead) = self.options.windows(expires_in);
@@ -495,44 +465,11 @@ impl TokenCache {
                 }
             }
         };
-        // Sent under the lock, with the flight already removed: a caller arriving later
-        // sees the cached token or starts a new fetch, and every earlier waiter holds a
-        // receiver that keeps this value.
-        if let Some(sender) = sender {
-            sender.send_replace(Some(outcome));
-        }
+        // Landed under the lock, after the token is stored: a caller arriving later sees
+        // the cached token or starts a new fetch, and every earlier waiter gets this one.
+        state.flights.land(key, leader, outcome);
         drop(state);
         result
-    }
-}
-
-/// Held by the fetching caller. Dropped without an outcome (the caller's future was
-/// cancelled, or the fetch panicked), it removes the flight and closes the channel, which
-/// wakes the waiters so that one of them fetches instead.
-struct FlightGuard<'a> {
-    cache: &'a TokenCache,
-    key: &'a CacheKey,
-    id: u64,
-    sender: Option<watch::Sender<Option<Outcome>>>,
-}
-
-impl Drop for FlightGuard<'_> {
-    fn drop(&mut self) {
-        if self.sender.is_some() {
-            let mut state = self.cache.lock();
-            remove_flight(&mut state, self.key, self.id);
-            // The flight must be gone before the waiters wake, or they would find it again
-            // and wait on a closed channel in a loop; the sender drops after the lock.
-            drop(state);
-            self.sender = None;
-        }
-    }
-}
-
-/// Removes the flight `id` for `key`, and not a newer one that may have replaced it.
-fn remove_flight(state: &mut State, key: &CacheKey, id: u64) {
-    if state.flights.get(key).is_some_and(|flight| flight.id == id) {
-        state.flights.remove(key);
     }
 }
 

@@ -18,6 +18,7 @@
 pub mod cache;
 pub mod config;
 mod end_user_sec;
+mod flight;
 pub mod http;
 pub mod token_source;
 pub mod validation;

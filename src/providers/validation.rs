@@ -23,7 +23,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::str::FromStr;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -31,11 +31,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::jwk::Jwk;
 use jsonwebtoken::{DecodingKey, Validation};
+use parking_lot::{Mutex, RwLock};
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 
+use super::flight::{Flights, Turn};
 use super::http::{self, BodyError, Transport, TrustRoots};
 use crate::ProviderError;
 use crate::provider::Verification;
@@ -233,12 +235,29 @@ impl KeySet {
     }
 }
 
-/// The fetch bookkeeping, under an async mutex so that concurrent misses fetch once.
+/// The fetch bookkeeping. Held briefly, never across the fetch itself.
+#[derive(Default)]
 struct FetchState {
     last_attempt: Option<Instant>,
     /// The last attempt's failure, reported to misses within the interval after it.
     last_error: Option<String>,
+    /// The JWKS fetch in progress, if any: concurrent misses fetch once. One key set, so
+    /// one flight, under the key `()`.
+    flight: Flights<(), JwksOutcome>,
 }
+
+/// What a caller that misses the cached keys does next.
+enum FetchTurn {
+    /// The keys arrived meanwhile.
+    Ready(Arc<KeySet>),
+    /// Waits for the fetch in progress.
+    Wait(super::flight::Waiter<JwksOutcome>),
+    /// Fetches, then lands the outcome.
+    Lead(super::flight::Leader<JwksOutcome>),
+}
+
+/// What the callers of one JWKS fetch receive: the fresh set, or a short reason.
+type JwksOutcome = Result<Arc<KeySet>, String>;
 
 /// Validates end-user tokens against an issuer's JWKS. `Send + Sync`, and cheap to clone:
 /// clones share the key set and its fetches, so that one validator serves the tower layer
@@ -255,7 +274,7 @@ struct Shared {
     jwks_url: reqwest::Url,
     client: reqwest::Client,
     keys: RwLock<Arc<KeySet>>,
-    fetch: tokio::sync::Mutex<FetchState>,
+    fetch: Mutex<FetchState>,
     /// Tokens verified, over all clones.
     verified: AtomicU64,
 }
@@ -354,10 +373,7 @@ impl Shared {
             jwks_url,
             client,
             keys: RwLock::new(Arc::new(KeySet::default())),
-            fetch: tokio::sync::Mutex::new(FetchState {
-                last_attempt: None,
-                last_error: None,
-            }),
+            fetch: Mutex::new(FetchState::default()),
             verified: AtomicU64::new(0),
         })
     }
@@ -465,31 +481,67 @@ impl Shared {
 
     /// A snapshot of the cached keys.
     fn cached_keys(&self) -> Arc<KeySet> {
-        // A poisoned lock only means a writer panicked between two whole-map swaps: the
-        // map inside is still a consistent snapshot.
-        match self.keys.read() {
-            Ok(keys) => Arc::clone(&keys),
-            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
-        }
+        Arc::clone(&self.keys.read())
     }
 
     /// The key set, refetched if it lacks `kid` or is older than the maximum age, and the
     /// rate limit allows.
     async fn keys_with(&self, kid: &str) -> Result<Arc<KeySet>, ValidationError> {
         let max_age = self.config.jwks_max_age;
-        let keys = self.cached_keys();
-        if keys.serves(kid, max_age) {
-            return Ok(keys);
+        loop {
+            let keys = self.cached_keys();
+            if keys.serves(kid, max_age) {
+                return Ok(keys);
+            }
+            let leader = match self.next_fetch_turn(kid)? {
+                FetchTurn::Ready(keys) => return Ok(keys),
+                FetchTurn::Wait(waiter) => match waiter.outcome().await {
+                    Some(outcome) => return outcome.map_err(ValidationError::Jwks),
+                    // The fetching caller went away (cancelled): look again.
+                    None => continue,
+                },
+                FetchTurn::Lead(leader) => leader,
+            };
+            let outcome = self.fetch_jwks().await.map(|fresh| {
+                Arc::new(KeySet {
+                    keys: fresh,
+                    fetched_at: Some(Instant::now()),
+                })
+            });
+            let mut state = self.fetch.lock();
+            match &outcome {
+                Ok(fresh) => {
+                    state.last_error = None;
+                    *self.keys.write() = Arc::clone(fresh);
+                    tracing::debug!(keys = fresh.keys.len(), "fetched the JWKS");
+                }
+                Err(reason) => {
+                    tracing::warn!(%reason, "fetching the JWKS failed");
+                    state.last_error = Some(reason.clone());
+                }
+            }
+            // After the keys are stored, under the fetch lock: a caller arriving later
+            // finds them, every earlier waiter gets this outcome.
+            state.flight.land(&(), leader, outcome.clone());
+            drop(state);
+            return outcome.map_err(ValidationError::Jwks);
         }
-        let mut state = self.fetch.lock().await;
-        // Another task may have fetched while this one waited for the lock.
+    }
+
+    /// Decides, under the fetch lock, whether this caller has its keys after all, waits
+    /// for the fetch in progress, is refused by the rate limit, or fetches.
+    fn next_fetch_turn(&self, kid: &str) -> Result<FetchTurn, ValidationError> {
+        let mut state = self.fetch.lock();
+        // Another task may have fetched since this one looked.
         let keys = self.cached_keys();
-        if keys.serves(kid, max_age) {
-            return Ok(keys);
+        if keys.serves(kid, self.config.jwks_max_age) {
+            return Ok(FetchTurn::Ready(keys));
         }
         // Since max age >= the interval, a stale set with a recent attempt means that
-        // attempt failed: its error is the answer, never the stale keys.
-        if let Some(last) = state.last_attempt
+        // attempt failed: its error is the answer, never the stale keys. A fetch still in
+        // progress is joined instead.
+        if !state.flight.is_running(&())
+            && let Some(last) = state.last_attempt
             && last.elapsed() < self.config.jwks_min_refetch_interval
         {
             return match &state.last_error {
@@ -497,26 +549,12 @@ impl Shared {
                 None => Err(ValidationError::UnknownKey),
             };
         }
-        // Counted before the request so that a failing endpoint is rate-limited too.
-        state.last_attempt = Some(Instant::now());
-        match self.fetch_jwks().await {
-            Ok(fresh) => {
-                state.last_error = None;
-                let fresh = Arc::new(KeySet {
-                    keys: fresh,
-                    fetched_at: Some(Instant::now()),
-                });
-                match self.keys.write() {
-                    Ok(mut keys) => *keys = Arc::clone(&fresh),
-                    Err(poisoned) => *poisoned.into_inner() = Arc::clone(&fresh),
-                }
-                tracing::debug!(keys = fresh.keys.len(), "fetched the JWKS");
-                Ok(fresh)
-            }
-            Err(reason) => {
-                tracing::warn!(%reason, "fetching the JWKS failed");
-                state.last_error = Some(reason.clone());
-                Err(ValidationError::Jwks(reason))
+        match state.flight.join(&()) {
+            Turn::Wait(waiter) => Ok(FetchTurn::Wait(waiter)),
+            Turn::Lead(leader) => {
+                // Counted before the request so that a failing endpoint is rate-limited too.
+                state.last_attempt = Some(Instant::now());
+                Ok(FetchTurn::Lead(leader))
             }
         }
     }
