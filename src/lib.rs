@@ -31,6 +31,8 @@
 //! - [`pool`]: [`Pool`], its handle [`Object`], configuration, errors and metrics.
 //! - [`backend`]: the [`Backend`] trait a database implements.
 //! - [`provider`]: the [`ContextProvider`] SPI that turns identities into contexts.
+//! - [`token_check`]: the [`TokenCheck`](token_check::TokenCheck) interface a token
+//!   validator implements for the tower layer.
 //! - [`scope`]: the task-local per-request identity: inside an
 //!   [`EndUserScope`](scope::EndUserScope), a provider-configured pool's [`Pool::get`]
 //!   acquires as the scope's end user.
@@ -108,6 +110,7 @@ pub mod providers;
 pub mod sabotage;
 pub mod scope;
 mod take_once;
+pub mod token_check;
 
 /// The README's Rust snippets, compiled and run as doctests (they need every user-facing
 /// feature): `cargo test --doc --features providers,tower,oracle`.

@@ -4,10 +4,11 @@
 //! never echoed into errors or logs, and every malformed shape is a typed error rather
 //! than a guess.
 
+use http::HeaderMap;
 use http::header::{AUTHORIZATION, COOKIE};
-use http::{HeaderMap, StatusCode};
 use serde::Deserialize;
 
+use super::error::CredentialError;
 use crate::context::EndUserIdentity;
 
 /// The cookie the reference's middleware reads.
@@ -16,69 +17,6 @@ pub const DEFAULT_COOKIE_NAME: &str = "identity";
 /// The longest credential accepted by default (a cookie value or a bearer token), in bytes.
 /// Entra ID and OCI access tokens are 1–4 KiB; 16 KiB leaves room for large group claims.
 pub const DEFAULT_MAX_CREDENTIAL_LEN: usize = 16 * 1024;
-
-/// Why a request's credential was refused. Never carries the credential.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum CredentialError {
-    /// The identity cookie is neither a token nor a `{"name": …, "key": …}` object.
-    #[error("the identity cookie is malformed")]
-    MalformedCookie,
-    /// Several identity cookies with different values.
-    #[error("the request carries several different identity cookies")]
-    ConflictingCookies,
-    /// The `Authorization` header says `Bearer` but carries no well-formed token.
-    #[error("the Authorization header is malformed")]
-    MalformedAuthorization,
-    /// More than one `Authorization` header.
-    #[error("the request carries several Authorization headers")]
-    SeveralAuthorizations,
-    /// The identity cookie and the bearer token name different end users.
-    #[error("the identity cookie and the Authorization header disagree")]
-    ConflictingCredentials,
-    /// A credential is longer than the configured limit.
-    #[error("the credential is longer than {max} bytes")]
-    TooLarge {
-        /// The limit in bytes.
-        max: usize,
-    },
-    /// The end-user token did not pass validation.
-    #[error("the end-user token is not valid")]
-    InvalidToken,
-    /// The token could not be validated now (the issuer's keys are unreachable).
-    #[error("the end-user token cannot be validated now")]
-    ValidationUnavailable,
-}
-
-impl CredentialError {
-    /// The HTTP status the middleware answers with: 400 for a malformed request, 401 for a
-    /// bearer credential that is malformed or invalid, 503 when validation is unavailable.
-    pub fn status(&self) -> StatusCode {
-        match self {
-            Self::MalformedAuthorization | Self::InvalidToken => StatusCode::UNAUTHORIZED,
-            Self::ValidationUnavailable => StatusCode::SERVICE_UNAVAILABLE,
-            Self::MalformedCookie
-            | Self::ConflictingCookies
-            | Self::SeveralAuthorizations
-            | Self::ConflictingCredentials
-            | Self::TooLarge { .. } => StatusCode::BAD_REQUEST,
-        }
-    }
-
-    /// A stable, machine-readable code for the JSON error body.
-    pub fn code(&self) -> &'static str {
-        match self {
-            Self::MalformedCookie => "malformed_identity_cookie",
-            Self::ConflictingCookies => "conflicting_identity_cookies",
-            Self::MalformedAuthorization => "malformed_authorization",
-            Self::SeveralAuthorizations => "several_authorization_headers",
-            Self::ConflictingCredentials => "conflicting_credentials",
-            Self::TooLarge { .. } => "credential_too_large",
-            Self::InvalidToken => "invalid_token",
-            Self::ValidationUnavailable => "token_validation_unavailable",
-        }
-    }
-}
 
 /// Where to look for the credential and how much to accept.
 #[derive(Clone, Debug, PartialEq, Eq)]

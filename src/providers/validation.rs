@@ -28,6 +28,7 @@ use std::time::Duration;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use async_trait::async_trait;
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::jwk::Jwk;
 use jsonwebtoken::{DecodingKey, Validation};
@@ -41,6 +42,7 @@ use super::flight::{Flights, Turn};
 use super::http::{self, BodyError, Transport, TrustRoots};
 use crate::ProviderError;
 use crate::provider::Verification;
+use crate::token_check::{TokenCheck, TokenRefusal};
 
 pub use jsonwebtoken::Algorithm;
 
@@ -360,6 +362,21 @@ impl TokenValidator {
             .as_secs();
         (now <= exp.saturating_add(self.shared.config.leeway.as_secs()))
             .then(|| evidence.validated.clone())
+    }
+}
+
+/// The check of the tower layer (`IdentityLayer::token_check`, feature `tower`): a valid
+/// token passes with its evidence, so that a provider sharing this validator does not
+/// verify it again; a JWKS that cannot be fetched makes the check unavailable rather than
+/// the token invalid.
+#[async_trait]
+impl TokenCheck for TokenValidator {
+    async fn check(&self, token: &SecretString) -> Result<Option<Verification>, TokenRefusal> {
+        match self.verify_for_request(token).await {
+            Ok((_, evidence)) => Ok(Some(evidence)),
+            Err(ValidationError::Jwks(_)) => Err(TokenRefusal::Unavailable),
+            Err(_) => Err(TokenRefusal::Invalid),
+        }
     }
 }
 
