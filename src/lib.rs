@@ -87,7 +87,9 @@
 //! lines); a service passes its own URL.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
-// docs.rs builds with `--cfg docsrs` on nightly: each feature-gated item gets its badge.
+// docs.rs builds with `--cfg docsrs` on nightly: each feature-gated item gets its badge,
+// from the explicit `doc(cfg)` on the gated modules below (what rustdoc would infer by
+// itself depends on the nightly).
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![deny(clippy::unwrap_used)]
 
@@ -96,14 +98,18 @@ pub mod context;
 #[cfg(any(feature = "postgres", feature = "providers"))]
 mod jwt;
 #[cfg(feature = "tower")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tower")))]
 pub mod middleware;
 #[cfg(feature = "oracle")]
+#[cfg_attr(docsrs, doc(cfg(feature = "oracle")))]
 pub mod oracle;
 pub mod pool;
 #[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub mod postgres;
 pub mod provider;
 #[cfg(feature = "providers")]
+#[cfg_attr(docsrs, doc(cfg(feature = "providers")))]
 pub mod providers;
 #[cfg(feature = "sabotage")]
 #[doc(hidden)]
