@@ -6,29 +6,23 @@
 //! token endpoint is `/oauth2/v1/token`: where the OCI token source looks for it.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 
 use serde_json::{Value, json};
+
+#[path = "process.rs"]
+mod process;
+use process::{Server, scratch_dir};
 
 /// The Debian package's schema and default administrator (`admin` / `password`).
 const SCHEMA: &str = "/usr/share/dbconfig-common/data/glewlwyd/install/sqlite3";
 const INSTALL: &str = "apt-get install glewlwyd (or run `bash .ci/setup`)";
 
 pub struct Glewlwyd {
-    child: Child,
-    dir: PathBuf,
+    server: Server,
     pub port: u16,
     /// The administrator's session cookie.
     cookie: String,
-}
-
-impl Drop for Glewlwyd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
 }
 
 impl Glewlwyd {
@@ -45,14 +39,7 @@ impl Glewlwyd {
         {
             panic!("the Glewlwyd tests need Glewlwyd 2.7: {INSTALL}");
         }
-        let dir = std::env::temp_dir().join(format!(
-            "ctxpool-glewlwyd-{}-{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos())
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = scratch_dir("glewlwyd").unwrap();
         let db = dir.join("glewlwyd.db");
         let schema = std::fs::File::open(SCHEMA).unwrap();
         let status = Command::new("sqlite3")
@@ -70,16 +57,18 @@ impl Glewlwyd {
             .port();
         let config = dir.join("glewlwyd.conf");
         std::fs::write(&config, config_text(port, &db, &dir)).unwrap();
-        let child = Command::new("glewlwyd")
-            .arg(format!("--config-file={}", config.display()))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("could not start glewlwyd ({e}): {INSTALL}"));
-        let mut server = Self {
-            child,
+        let server = Server::spawn(
+            Command::new("glewlwyd")
+                .arg(format!("--config-file={}", config.display()))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
             dir,
+            "glewlwyd",
+        )
+        .unwrap_or_else(|e| panic!("{e}: {INSTALL}"));
+        let mut server = Self {
+            server,
             port,
             cookie: String::new(),
         };
@@ -135,7 +124,7 @@ impl Glewlwyd {
             if reqwest::get(&url).await.is_ok() {
                 return;
             }
-            if let Ok(Some(status)) = self.child.try_wait() {
+            if let Some(status) = self.server.exited() {
                 panic!("glewlwyd exited ({status}) before listening");
             }
             // The poll interval: a refused connect on loopback fails at once.

@@ -8,10 +8,14 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{ChildStdin, Command, Stdio};
 use std::sync::OnceLock;
 
 use serde_json::{Value, json};
+
+#[path = "process.rs"]
+mod process;
+use process::{Server, scratch_dir};
 
 /// The secret of the OCI-shaped client: every character that Basic credentials must
 /// form-encode (RFC 6749 §2.3.1).
@@ -21,7 +25,7 @@ pub const SCOPE: &str = "https://db.example.com/.default";
 
 /// A running oidc-provider.
 pub struct Oidc {
-    child: Child,
+    _server: Server,
     _stdin: ChildStdin,
     pub http_port: u16,
     pub https_port: u16,
@@ -29,15 +33,6 @@ pub struct Oidc {
     pub ca_pem: String,
     /// A PEM file with the CA, for `tls_ca_file`.
     pub ca_file: PathBuf,
-    dir: PathBuf,
-}
-
-impl Drop for Oidc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
 }
 
 impl Oidc {
@@ -144,14 +139,7 @@ fn start() -> Result<Oidc, String> {
             dir.display()
         ));
     }
-    let tmp = std::env::temp_dir().join(format!(
-        "ctxpool-idp-{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos())
-    ));
-    std::fs::create_dir_all(&tmp).map_err(|e| e.to_string())?;
+    let tmp = scratch_dir("idp")?;
     let (ca_pem, cert_pem, key_pem) = private_ca();
     let write = |name: &str, text: &str| {
         let path = tmp.join(name);
@@ -160,20 +148,22 @@ fn start() -> Result<Oidc, String> {
     let ca_file = write("ca.pem", &ca_pem).map_err(|e| e.to_string())?;
     let cert_file = write("server.pem", &cert_pem).map_err(|e| e.to_string())?;
     let key_file = write("server.key", &key_pem).map_err(|e| e.to_string())?;
-    let mut child = Command::new("node")
-        .arg(dir.join("server.mjs"))
-        .current_dir(&dir)
-        .env("IDP_CLIENTS", clients().to_string())
-        .env("IDP_TLS_CERT", &cert_file)
-        .env("IDP_TLS_KEY", &key_file)
-        .env("IDP_TMP", &tmp)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| format!("could not start node: {e}"))?;
-    let stdin = child.stdin.take().ok_or("no stdin")?;
-    let stdout = child.stdout.take().ok_or("no stdout")?;
+    let mut server = Server::spawn(
+        Command::new("node")
+            .arg(dir.join("server.mjs"))
+            .current_dir(&dir)
+            .env("IDP_CLIENTS", clients().to_string())
+            .env("IDP_TLS_CERT", &cert_file)
+            .env("IDP_TLS_KEY", &key_file)
+            .env("IDP_TMP", &tmp)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null()),
+        tmp,
+        "node",
+    )?;
+    let stdin = server.child().stdin.take().ok_or("no stdin")?;
+    let stdout = server.child().stdout.take().ok_or("no stdout")?;
     // Blocks until the server says it listens (or exits): readiness, not a sleep.
     let mut lines = BufReader::new(stdout).lines();
     let ports = loop {
@@ -183,8 +173,8 @@ fn start() -> Result<Oidc, String> {
                     break serde_json::from_str::<Value>(json).map_err(|e| e.to_string())?;
                 }
             }
+            // The server is killed and its folder removed as it drops.
             _ => {
-                let _ = child.kill();
                 return Err("oidc-provider exited before listening (run \
                             `node tests/idp/oidc/server.mjs` to see why)"
                     .into());
@@ -202,11 +192,10 @@ fn start() -> Result<Oidc, String> {
     Ok(Oidc {
         http_port: port("http")?,
         https_port: port("https")?,
-        child,
+        _server: server,
         _stdin: stdin,
         ca_pem,
         ca_file,
-        dir: tmp,
     })
 }
 
