@@ -5,8 +5,7 @@
 #![cfg(feature = "providers")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-#[path = "support/idp.rs"]
-mod idp;
+use ctxpool_testkit::idp;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -4,8 +4,7 @@
 #![cfg(feature = "providers")]
 #![allow(clippy::unwrap_used)]
 
-#[path = "support/idp.rs"]
-mod idp;
+use ctxpool_testkit::idp;
 
 use ctxpool::ProviderError;
 use ctxpool::providers::config::EndUserSecParams;

@@ -10,9 +10,7 @@ use std::process::{Command, Stdio};
 
 use serde_json::{Value, json};
 
-#[path = "process.rs"]
-mod process;
-use process::{Server, scratch_dir};
+use ctxpool_testkit::process::{Server, scratch_dir};
 
 /// The Debian package's schema and default administrator (`admin` / `password`).
 const SCHEMA: &str = "/usr/share/dbconfig-common/data/glewlwyd/install/sqlite3";

@@ -17,6 +17,9 @@
 //!   the process ends.
 //! - [`hr`]: the HR database of the README, the demo and the tests (`examples/hr.sql`), and
 //!   the harness of the README's doctests.
+//! - [`idp`]: a real OpenID provider (oidc-provider on Node.js) on loopback, over http and
+//!   https with a per-run private CA; [`process`]: the child-process guard it shares with
+//!   ctxpool's Glewlwyd harness.
 //! - [`FlightProxy`]: a loopback TCP proxy that counts round trips and protocol messages and
 //!   adds latency.
 //! - [`sabotage`]: switches that break the PostgreSQL backend's safety on purpose, so a test
@@ -26,9 +29,11 @@
 #![warn(missing_docs)]
 
 pub mod hr;
+pub mod idp;
 mod mem_connection;
 mod mem_server;
 mod pg_cluster;
+pub mod process;
 mod proxy;
 
 pub use ctxpool::sabotage;

@@ -1,4 +1,4 @@
-//! What the tests' own servers (tests/support/idp.rs, tests/support/glewlwyd.rs) share:
+//! What the tests' own servers (the kit's [`idp`](crate::idp), ctxpool's tests/support/glewlwyd.rs) share:
 //! a scratch folder per run, and a child process that is killed, reaped and whose folder
 //! is removed when the test is done with it.
 

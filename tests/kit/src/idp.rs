@@ -1,10 +1,11 @@
-//! The identity providers of the token-provider tests, started by the test itself: the
-//! `oidc-provider` npm package run by Node.js (tests/idp/oidc/server.mjs), on loopback,
+//! The identity provider of the token-provider tests and the README's doctests, started by
+//! the test itself: the `oidc-provider` npm package run by Node.js
+//! (`tests/idp/oidc/server.mjs`), on loopback,
 //! on ports the OS picks, over http and over https with a private CA generated per run.
 //!
 //! One server per test binary ([`oidc`]). It exits when the test binary does: it watches
 //! its stdin, which only this process holds.
-#![allow(dead_code)]
+#![allow(clippy::unwrap_used, missing_docs)]
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -13,9 +14,7 @@ use std::sync::OnceLock;
 
 use serde_json::{Value, json};
 
-#[path = "process.rs"]
-mod process;
-use process::{Server, scratch_dir};
+use crate::process::{Server, scratch_dir};
 
 /// The secret of the OCI-shaped client: every character that Basic credentials must
 /// form-encode (RFC 6749 §2.3.1).
@@ -120,7 +119,7 @@ pub fn oidc() -> &'static Oidc {
 }
 
 fn oidc_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/idp/oidc")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../idp/oidc")
 }
 
 fn start() -> Result<Oidc, String> {
