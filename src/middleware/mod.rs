@@ -7,24 +7,37 @@
 //! acquires as the user: the analogue of python-oracledb's `EndUserSecMiddleware`, without
 //! its per-thread identity.
 //!
-//! ```no_run
+//! ```
 //! # #[cfg(feature = "postgres")]
-//! # async fn doc(pool: ctxpool::postgres::Pool) {
-//! use axum::{Router, routing::get, extract::State};
+//! # ctxpool_testkit::hr::on_hr_database(|url| async move {
+//! # let mut cfg = ctxpool::postgres::Config::new();
+//! # cfg.url = Some(url);
+//! # let pool = cfg.create_pool(None, tokio_postgres::NoTls)?;
+//! use axum::{Router, body::Body, extract::State, http::{Request, StatusCode}, routing::get};
 //! use ctxpool::middleware::IdentityLayer;
+//! use tower::ServiceExt;
 //!
-//! async fn list(State(pool): State<ctxpool::postgres::Pool>) -> String {
+//! async fn list(State(pool): State<ctxpool::postgres::Pool>) -> Result<String, StatusCode> {
 //!     // Runs as the request's end user: the database's policies decide what comes back.
-//!     let client = pool.get().await.unwrap();
-//!     let rows = client.query("SELECT name FROM hr.employees", &[]).await.unwrap();
-//!     format!("{} rows", rows.len())
+//!     let client = pool.get().await.map_err(|_| StatusCode::SERVICE_UNAVAILABLE)?;
+//!     let rows = client.query("SELECT name FROM hr.employees", &[]).await
+//!         .map_err(|_| StatusCode::INTERNAL_SERVER_ERROR)?;
+//!     Ok(format!("{} rows", rows.len()))
 //! }
 //!
 //! let app: Router = Router::new()
 //!     .route("/employees", get(list))
 //!     .with_state(pool)
 //!     .layer(IdentityLayer::new());
-//! # }
+//!
+//! // No credential: the plain login, which the policies show nothing.
+//! let plain = app.clone().oneshot(Request::get("/employees").body(Body::empty())?).await?;
+//! assert_eq!(plain.status(), StatusCode::OK);
+//! // A credential that cannot be read is answered by the layer, before any database work.
+//! let bad = Request::get("/employees").header("cookie", "identity=%zz").body(Body::empty())?;
+//! assert_eq!(app.oneshot(bad).await?.status(), StatusCode::BAD_REQUEST);
+//! # Ok(())
+//! # });
 //! ```
 //!
 //! # What it answers itself

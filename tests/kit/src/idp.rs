@@ -82,6 +82,49 @@ impl Oidc {
     pub fn jwks_url(&self) -> String {
         format!("{}/test/jwks", self.http())
     }
+
+    /// A `db.json` (the block under `extra_auth_params`) for Entra on-behalf-of against
+    /// this server's tenant `tenant`, verifying end users' tokens for `audience`; the keys
+    /// of `extra` (data roles, attributes) join the block. Written into a file of its own,
+    /// removed with the returned guard.
+    pub fn entra_obo_db_json(&self, tenant: &str, audience: &str, extra: Value) -> DbJson {
+        let mut block = json!({
+            "spi_type": "azure_tokens", "auth_flow": "on_behalf_of",
+            "authority": format!("{}/{tenant}", self.http()),
+            "client_id": "entra-app", "client_credential": ENTRA_SECRET, "scopes": SCOPE,
+            "token_validation": {
+                "issuer": self.http(), "audiences": audience, "jwks_url": self.jwks_url(),
+                "role_claim": "roles", "allowed_roles": ["hr_employee", "hr_manager"],
+            },
+        });
+        if let (Some(block), Value::Object(extra)) = (block.as_object_mut(), extra) {
+            block.extend(extra);
+        }
+        let dir = scratch_dir("db-json").unwrap();
+        let path = dir.join("db.json");
+        let text = json!({"extra_auth_params": {"end_user_sec_params": block}}).to_string();
+        std::fs::write(&path, text).unwrap();
+        DbJson { dir, path }
+    }
+}
+
+/// A `db.json` written by [`Oidc::entra_obo_db_json`], deleted on drop.
+pub struct DbJson {
+    dir: PathBuf,
+    path: PathBuf,
+}
+
+impl DbJson {
+    /// The file's path, as text.
+    pub fn path(&self) -> &str {
+        self.path.to_str().unwrap()
+    }
+}
+
+impl Drop for DbJson {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 /// The clients the server knows.
