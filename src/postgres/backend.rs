@@ -12,7 +12,7 @@ use crate::backend::{Backend, DiscardReason};
 use super::client::ClientWrapper;
 use super::config::{ManagerConfig, RecyclingMethod};
 use super::connect::{self, MakeTls, Opened, Socket};
-use super::connection::{PoolStatements, Session};
+use super::connection::{PoolStatements, Routing, Session};
 use super::error::Error;
 use super::mapping::ContextConfig;
 use super::wire::TxStatus;
@@ -98,10 +98,16 @@ impl Backend for Manager {
     type Error = Error;
 
     async fn connect(&self) -> Result<ClientWrapper, Error> {
-        let Opened { client, task, wire } = self.connect.connect(&self.pg_config).await?;
-        // One flight: the pool's statements, and the process id the server itself reports,
-        // to compare with the one of BackendKeyData (a pooler or proxy answers with its
-        // own).
+        let Opened {
+            client,
+            task,
+            wire,
+            local_port,
+        } = self.connect.connect(&self.pg_config).await?;
+        // One flight: the pool's statements, and the process id and client port the
+        // server itself reports, to compare with the process id of BackendKeyData and the
+        // port of our socket (a pooler or proxy answers with its own process id, or holds
+        // a socket of its own towards the server).
         let statements = async {
             if self.context.prepared_statements {
                 PoolStatements::prepare(&client, &wire).await
@@ -109,18 +115,31 @@ impl Backend for Manager {
                 Ok(None)
             }
         };
-        let pid = client.simple_query("SELECT pg_catalog.pg_backend_pid()");
-        let (statements, pid) = join(statements, pid).await;
-        let (statements, pid) = (statements?, pid?);
-        let reported = pid.iter().find_map(|m| match m {
-            SimpleQueryMessage::Row(row) => row.get(0).and_then(|v| v.parse::<i32>().ok()),
+        let probe = client
+            .simple_query("SELECT pg_catalog.pg_backend_pid(), pg_catalog.inet_client_port()");
+        let (statements, probe) = join(statements, probe).await;
+        let (statements, probe) = (statements?, probe?);
+        let row = probe.iter().find_map(|m| match m {
+            SimpleQueryMessage::Row(row) => Some(row),
             _ => None,
         });
-        let proxied = reported.is_none() || reported != wire.backend_pid();
+        let reported = row
+            .and_then(|r| r.get(0))
+            .and_then(|v| v.parse::<i32>().ok());
+        let client_port = row
+            .and_then(|r| r.get(1))
+            .and_then(|v| v.parse::<u16>().ok());
+        let other_socket = local_port.is_some() && client_port != local_port;
+        let proxied = reported.is_none() || reported != wire.backend_pid() || other_socket;
+        let mut routing = Routing::Direct;
         if proxied {
+            routing = pooler_routing(&client).await;
             tracing::debug!(
                 announced = ?wire.backend_pid(),
                 reported = ?reported,
+                local_port = ?local_port,
+                client_port = ?client_port,
+                routing = ?routing,
                 "ctxpool: a pooler or proxy sits between the pool and the server"
             );
         }
@@ -128,7 +147,7 @@ impl Backend for Manager {
         // where these statements do not exist: send them unnamed instead.
         let statements = if proxied { None } else { statements };
         wire.settled().await;
-        let session = Session::new(wire, self.context.clone(), statements, proxied);
+        let session = Session::new(wire, self.context.clone(), statements, routing);
         Ok(ClientWrapper::new(client, task, session))
     }
 
@@ -161,5 +180,85 @@ impl Backend for Manager {
                 Err(DiscardReason::RecycleFailed)
             }
         }
+    }
+}
+
+/// What a pooler found at connect says about where a context and the statement after it
+/// run. Only pgpool-II answers `SHOW pool_status` itself (PostgreSQL behind another
+/// pooler refuses it: an error, which leaves the connection usable); its settings decide
+/// whether it may send the context statement and the user's statement to different
+/// servers.
+async fn pooler_routing(client: &tokio_postgres::Client) -> Routing {
+    let Ok(rows) = client.simple_query("SHOW pool_status").await else {
+        return Routing::Pooler;
+    };
+    let value = |item: &str| {
+        rows.iter().find_map(|m| match m {
+            SimpleQueryMessage::Row(row) if row.get(0) == Some(item) => {
+                Some(row.get(1).unwrap_or("").trim().to_owned())
+            }
+            _ => None,
+        })
+    };
+    if pgpool_keeps_context_together(
+        value("load_balance_mode").as_deref(),
+        value("disable_load_balance_on_write").as_deref(),
+        value("read_only_function_list").as_deref(),
+        value("write_function_list").as_deref(),
+    ) {
+        Routing::Pgpool
+    } else {
+        Routing::PgpoolSplits
+    }
+}
+
+/// Whether pgpool-II with these settings (as `SHOW pool_status` reports them) sends a
+/// context statement and the statements after it to the same server. The context
+/// statement calls `set_config`, a volatile function, which pgpool-II counts as a write
+/// and sends to the primary while both function lists are empty; a read after it goes to
+/// the session's load-balancing node, unless load balancing is off or
+/// `disable_load_balance_on_write` is `always` (reported as `4`), under which no read is
+/// balanced after a write until the session ends. Anything else, or a value missing or
+/// not understood, counts as splitting: fail closed.
+pub(crate) fn pgpool_keeps_context_together(
+    load_balance_mode: Option<&str>,
+    disable_load_balance_on_write: Option<&str>,
+    read_only_function_list: Option<&str>,
+    write_function_list: Option<&str>,
+) -> bool {
+    if matches!(load_balance_mode, Some("0" | "off")) {
+        return true;
+    }
+    matches!(disable_load_balance_on_write, Some("4" | "always"))
+        && read_only_function_list == Some("")
+        && write_function_list == Some("")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pgpool_keeps_context_together as together;
+
+    #[test]
+    fn pgpool_settings_that_keep_a_context_with_its_statement() {
+        // Load balancing off: everything goes to the primary.
+        assert!(together(Some("0"), Some("2"), Some(""), Some("")));
+        // pgpool-II's defaults: a read after the context goes to the balancing node.
+        assert!(!together(Some("1"), Some("2"), Some(""), Some("")));
+        // always: no read is balanced after the context's write.
+        assert!(together(Some("1"), Some("4"), Some(""), Some("")));
+        assert!(together(Some("1"), Some("always"), Some(""), Some("")));
+        // A function list: set_config's volatility is no longer what decides.
+        assert!(!together(
+            Some("1"),
+            Some("4"),
+            Some("set_config"),
+            Some("")
+        ));
+        assert!(!together(Some("1"), Some("4"), Some(""), Some("nextval")));
+        // off, trans_transaction, dml_adaptive, and anything unknown or missing.
+        for on_write in [Some("1"), Some("3"), Some("5"), Some("x"), None] {
+            assert!(!together(Some("1"), on_write, Some(""), Some("")));
+        }
+        assert!(!together(None, Some("4"), None, None));
     }
 }

@@ -14,7 +14,7 @@ use tokio_postgres::{Client, CopyOutStream, Error, Row, RowStream, SimpleQueryMe
 use crate::backend::{Connection, DiscardReason};
 use crate::context::SecurityContext;
 
-use super::connection::{BatchPlan, Plan, Purpose, Session};
+use super::connection::{BatchPlan, Plan, Purpose, Routing, Session};
 use super::mapping::{self, ContextScope, Mapped, MappingError};
 use super::statement_cache::StatementCache;
 use super::to_statement::{StatementRef, ToStatement};
@@ -443,9 +443,21 @@ impl ClientWrapper {
 
     /// Whether the connection goes through a pooler or proxy (PgBouncer, pgpool-II):
     /// detected at connect, when the process id the server announced differs from
-    /// `pg_backend_pid()`.
+    /// `pg_backend_pid()`, or when the server sees the client on another port than the
+    /// one of the pool's socket (`inet_client_port()`).
     pub fn behind_proxy(&self) -> bool {
         self.session.proxied()
+    }
+
+    /// Whether the connection goes through pgpool-II (it answered `SHOW pool_status` at
+    /// connect). Contexts are refused there when its load balancing may send them and
+    /// the statements after them to different servers
+    /// ([`MappingError::ContextRoutedApart`]).
+    pub fn behind_pgpool(&self) -> bool {
+        matches!(
+            self.session.routing(),
+            Routing::Pgpool | Routing::PgpoolSplits
+        )
     }
 }
 
@@ -464,6 +476,9 @@ impl Connection for ClientWrapper {
     type AttachError = MappingError;
 
     fn attach_context(&mut self, context: SecurityContext) -> Result<(), MappingError> {
+        if self.session.routing() == Routing::PgpoolSplits {
+            return Err(MappingError::ContextRoutedApart);
+        }
         if self.session.config().scope == ContextScope::Session && self.session.proxied() {
             return Err(MappingError::SessionScopeBehindProxy);
         }

@@ -73,6 +73,9 @@ pub(crate) struct Opened {
     pub(crate) client: Client,
     pub(crate) task: JoinHandle<()>,
     pub(crate) wire: WireHandle,
+    /// The local port of a TCP connection (`None` over a Unix socket): a server reached
+    /// directly sees it as `inet_client_port()`.
+    pub(crate) local_port: Option<u16>,
 }
 
 /// The bounds a pool's TLS connector meets.
@@ -174,6 +177,10 @@ async fn open_one<T: MakeTls>(
             })??,
         None => socket(config, target).await?,
     };
+    let local_port = match &socket {
+        Socket::Tcp(tcp) => tcp.local_addr().ok().map(|a| a.port()),
+        Socket::Unix(_) => None,
+    };
     let wire = WireHandle::new();
     let stream = WireStream::new(socket, wire.clone());
     let (client, task) = if TypeId::of::<T>() == TypeId::of::<NoTls>() {
@@ -207,7 +214,12 @@ async fn open_one<T: MakeTls>(
             return Err(Error::NoSuitableHost { wanted });
         }
     }
-    Ok(Opened { client, task, wire })
+    Ok(Opened {
+        client,
+        task,
+        wire,
+        local_port,
+    })
 }
 
 fn spawn<F, E>(connection: F) -> JoinHandle<()>

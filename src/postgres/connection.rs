@@ -294,6 +294,20 @@ struct Draft<'s> {
     applies: Option<Arc<Mapped>>,
 }
 
+/// What the pool found between itself and the server at connect.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Routing {
+    /// The server itself.
+    Direct,
+    /// A pooler or proxy other than pgpool-II (PgBouncer, say).
+    Pooler,
+    /// pgpool-II, whose settings keep a context and the statements after it on one server.
+    Pgpool,
+    /// pgpool-II, whose load balancing may send the context and the statement after it to
+    /// different servers.
+    PgpoolSplits,
+}
+
 /// One connection's session.
 pub(crate) struct Session {
     pub(crate) wire: WireHandle,
@@ -301,8 +315,8 @@ pub(crate) struct Session {
     /// `None` when statements are sent unnamed (a pooler sits in between, or the
     /// configuration says so).
     statements: Option<PoolStatements>,
-    /// A pooler or proxy sits between the pool and the server.
-    proxied: bool,
+    /// What sits between the pool and the server.
+    routing: Routing,
     state: Mutex<State>,
 }
 
@@ -311,13 +325,13 @@ impl Session {
         wire: WireHandle,
         config: Arc<ContextConfig>,
         statements: Option<PoolStatements>,
-        proxied: bool,
+        routing: Routing,
     ) -> Self {
         Self {
             wire,
             config,
             statements,
-            proxied,
+            routing,
             state: Mutex::new(State::default()),
         }
     }
@@ -327,7 +341,11 @@ impl Session {
     }
 
     pub(crate) fn proxied(&self) -> bool {
-        self.proxied
+        self.routing != Routing::Direct
+    }
+
+    pub(crate) fn routing(&self) -> Routing {
+        self.routing
     }
 
     /// Decides how the next statement travels under `desired`.

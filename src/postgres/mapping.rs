@@ -146,6 +146,16 @@ pub enum MappingError {
          the backend process id differs from pg_backend_pid()); use transaction scope"
     )]
     SessionScopeBehindProxy,
+    /// The connection goes through pgpool-II whose load balancing may send the context
+    /// statement (a write to it: `set_config` is volatile) to the primary and the
+    /// statement after it to a standby, where it would run without the context.
+    #[error(
+        "contexts are refused behind this pgpool-II: its load balancing may run the context \
+         and the statement after it on different servers (detected at connect from SHOW \
+         pool_status); set load_balance_mode = off, or disable_load_balance_on_write = \
+         'always' with read_only_function_list and write_function_list empty"
+    )]
+    ContextRoutedApart,
 }
 
 /// A context mapped onto a session: everything a statement binds, computed once.

@@ -14,7 +14,11 @@
 //!   Property tests and the hot-path bench use it; it proves the model, not PostgreSQL.
 //! - [`PgCluster`], [`PgBouncer`]: a throwaway PostgreSQL server (and a PgBouncer in front
 //!   of it) on a free loopback port in a temporary directory, stopped and deleted however
-//!   the process ends.
+//!   the process ends. [`PgCluster::start_standby`] adds a streaming hot standby of a
+//!   cluster (`pg_basebackup`), which [`PgCluster::promote`] turns into a primary after
+//!   [`PgCluster::kill`] crashed the old one.
+//! - [`PgPool`]: a throwaway pgpool-II in front of a primary and a standby, in streaming
+//!   replication mode with load balancing on.
 //! - [`hr`]: the HR database of the README, the demo and the tests (`examples/hr.sql`), and
 //!   the harness of the README's doctests.
 //! - [`idp`]: a real OpenID provider (oidc-provider on Node.js) on loopback, over http and
@@ -33,6 +37,7 @@ pub mod idp;
 mod mem_connection;
 mod mem_server;
 mod pg_cluster;
+mod pgpool;
 pub mod process;
 mod proxy;
 
@@ -40,4 +45,5 @@ pub use ctxpool::sabotage;
 pub use mem_connection::{MemConnection, Observation, Statement};
 pub use mem_server::{MemBackend, MemError, MemServer, ServerStats};
 pub use pg_cluster::{ClusterError, PgBouncer, PgCluster};
+pub use pgpool::PgPool;
 pub use proxy::{FlightProxy, ProxyError};

@@ -42,9 +42,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// The address both servers listen on.
-const HOST: &str = "127.0.0.1";
+pub(crate) const HOST: &str = "127.0.0.1";
 /// The bootstrap superuser `initdb -U` creates.
-const SUPERUSER: &str = "postgres";
+pub(crate) const SUPERUSER: &str = "postgres";
 /// The OS user the server programs run as when this process is root.
 const SERVICE_USER: &str = "postgres";
 /// How long `pg_ctl` waits for the server to start or stop, in seconds.
@@ -52,7 +52,7 @@ const PG_CTL_TIMEOUT_SECS: &str = "60";
 /// How long to wait for PgBouncer to accept connections.
 const BOUNCER_READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// How many free ports to try when another process takes the chosen one first.
-const PORT_ATTEMPTS: usize = 3;
+pub(crate) const PORT_ATTEMPTS: usize = 3;
 /// How much of a log file an error quotes.
 const LOG_TAIL_BYTES: u64 = 4096;
 
@@ -68,6 +68,12 @@ pub enum ClusterError {
     NotInstalled {
         /// The missing program.
         program: &'static str,
+        /// Where it was looked for.
+        hint: String,
+    },
+    /// pgpool-II is not installed.
+    #[error("`pgpool` not found ({hint}); install pgpool-II with: apt-get install -y pgpool2")]
+    PgpoolNotInstalled {
         /// Where it was looked for.
         hint: String,
     },
@@ -118,7 +124,7 @@ pub enum ClusterError {
 }
 
 impl ClusterError {
-    fn io(context: impl Into<String>, source: io::Error) -> Self {
+    pub(crate) fn io(context: impl Into<String>, source: io::Error) -> Self {
         ClusterError::Io {
             context: context.into(),
             source,
@@ -139,8 +145,8 @@ pub struct PgCluster {
     port: u16,
     data: PathBuf,
     log: PathBuf,
-    bin: ServerBins,
-    run_as: Option<RunAs>,
+    pub(crate) bin: ServerBins,
+    pub(crate) run_as: Option<RunAs>,
     // After the fields above, so that it is removed after `Drop::drop` stopped the server.
     dir: TempDir,
     // Last: once the server is stopped and the directory removed, its cleanup is a no-op.
@@ -184,6 +190,128 @@ impl PgCluster {
         };
         cluster.initdb()?;
         cluster.write_hba()?;
+        cluster.boot()?;
+        tracing::debug!(
+            port = cluster.port,
+            dir = %cluster.dir.path.display(),
+            elapsed = ?started.elapsed(),
+            "PostgreSQL cluster started"
+        );
+        Ok(cluster)
+    }
+
+    /// Creates a streaming standby of `primary` and starts it; returns once it accepts
+    /// (read-only) connections.
+    ///
+    /// The standby is a base backup of the primary (`pg_basebackup -X stream -R`, which
+    /// writes `standby.signal` and a `primary_conninfo` pointing at the primary) in a
+    /// temporary directory of its own, listening on its own free port on `127.0.0.1`. It
+    /// runs as a hot standby: it answers read-only queries and replays the primary's
+    /// changes as they stream in. [`promote`](Self::promote) turns it into a primary.
+    /// Like any [`PgCluster`], dropping it stops it and deletes its directory.
+    ///
+    /// # Errors
+    /// [`ClusterError::NotInstalled`] if `pg_basebackup` is missing,
+    /// [`ClusterError::Command`] if the backup or the start fails.
+    pub fn start_standby(primary: &PgCluster) -> Result<PgCluster, ClusterError> {
+        let started = Instant::now();
+        let bin = ServerBins::find()?;
+        let run_as = primary.run_as;
+        let dir = TempDir::create("ctxpool-pg-standby", run_as)?;
+        let data = dir.path.join("data");
+        let log = dir.path.join("postgres.log");
+        let watchdog = Watchdog::spawn(
+            "PostgreSQL standby",
+            CLUSTER_WATCHDOG,
+            &[
+                bin.pg_ctl.as_os_str(),
+                data.as_os_str(),
+                dir.path.as_os_str(),
+            ],
+            run_as,
+        )?;
+        let mut standby = PgCluster {
+            port: 0,
+            data,
+            log,
+            bin,
+            run_as,
+            dir,
+            _watchdog: watchdog,
+        };
+        let mut cmd = server_command(&standby.bin.pg_basebackup, &standby.dir.path, run_as);
+        cmd.args(["-h", HOST, "-p"])
+            .arg(primary.port.to_string())
+            .args(["-U", SUPERUSER, "-D"])
+            .arg(&standby.data)
+            .args(["-X", "stream", "-R", "-c", "fast", "-w"]);
+        run(cmd, "pg_basebackup".to_owned(), Some(&primary.log))?;
+        // The backup carries the primary's ctxpool.conf; boot() writes the standby's own.
+        standby.boot()?;
+        tracing::debug!(
+            port = standby.port,
+            primary = primary.port,
+            elapsed = ?started.elapsed(),
+            "PostgreSQL standby started"
+        );
+        Ok(standby)
+    }
+
+    /// Promotes a standby to a primary (`pg_ctl promote -w`): returns once it accepts
+    /// writes.
+    ///
+    /// # Errors
+    /// [`ClusterError::Command`] if `pg_ctl` fails (e.g. the server is not a standby).
+    pub fn promote(&self) -> Result<(), ClusterError> {
+        self.pg_ctl("promote", &[], false)
+    }
+
+    /// Crashes the server: `pg_ctl stop -m immediate`, under which every server process
+    /// quits at once, without a checkpoint, and clients see their connections drop.
+    ///
+    /// # Errors
+    /// [`ClusterError::Command`] if `pg_ctl` fails (e.g. the server is not running).
+    pub fn kill(&self) -> Result<(), ClusterError> {
+        self.pg_ctl("stop", &["-m", "immediate"], false)
+    }
+
+    /// Waits until `standby` has replayed everything this primary wrote so far (polls
+    /// the standby's replay position against this server's current WAL position).
+    ///
+    /// # Errors
+    /// [`ClusterError::NotReady`] if it has not within `timeout`,
+    /// [`ClusterError::Command`] if a query fails.
+    pub fn wait_replayed(
+        &self,
+        standby: &PgCluster,
+        timeout: Duration,
+    ) -> Result<(), ClusterError> {
+        let target = self.psql("postgres", "SELECT pg_catalog.pg_current_wal_lsn()")?;
+        let target = target.trim().replace('\'', "");
+        let check =
+            format!("SELECT pg_catalog.pg_last_wal_replay_lsn() >= '{target}'::pg_catalog.pg_lsn");
+        let started = Instant::now();
+        let mut backoff = Duration::from_millis(5);
+        loop {
+            if standby.psql("postgres", &check)?.trim() == "t" {
+                return Ok(());
+            }
+            if started.elapsed() >= timeout {
+                return Err(ClusterError::NotReady {
+                    what: "standby replay",
+                    waited: started.elapsed(),
+                    log_tail: tail(&standby.log),
+                });
+            }
+            std::thread::sleep(backoff);
+            backoff = (backoff * 2).min(Duration::from_millis(100));
+        }
+    }
+
+    /// Picks a free port, writes the configuration and starts the server, trying another
+    /// port when the chosen one was taken meanwhile.
+    fn boot(&mut self) -> Result<(), ClusterError> {
+        let cluster = self;
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -198,13 +326,7 @@ impl PgCluster {
                 Err(e) => return Err(e),
             }
         }
-        tracing::debug!(
-            port = cluster.port,
-            dir = %cluster.dir.path.display(),
-            elapsed = ?started.elapsed(),
-            "PostgreSQL cluster started"
-        );
-        Ok(cluster)
+        Ok(())
     }
 
     /// The port the server listens on (on [`host`](Self::host)).
@@ -673,7 +795,7 @@ const FORGET_PID: &str = "-";
 /// group does not reach it, ignores the termination signals a shell or `timeout` sends,
 /// and has no standard output or error, so that it holds no pipe of `cargo test` open.
 #[derive(Debug)]
-struct Watchdog {
+pub(crate) struct Watchdog {
     child: Child,
     stdin: Option<ChildStdin>,
 }
@@ -681,7 +803,7 @@ struct Watchdog {
 impl Watchdog {
     /// Starts `sh -c script` with `args` as `$1`, `$2`, ..., as `run_as` if given (like
     /// the servers, so that `pg_ctl` accepts it and it may signal them).
-    fn spawn(
+    pub(crate) fn spawn(
         what: &str,
         script: &str,
         args: &[&OsStr],
@@ -718,7 +840,7 @@ impl Watchdog {
     }
 
     /// Sends the watchdog a line (best effort: it only fails if the watchdog is gone).
-    fn tell(&mut self, line: &str) {
+    pub(crate) fn tell(&mut self, line: &str) {
         if let Some(stdin) = &mut self.stdin {
             // One write of a few bytes: atomic on a pipe, so never half a line.
             let _ = stdin.write_all(format!("{line}\n").as_bytes());
@@ -738,13 +860,13 @@ impl Drop for Watchdog {
 
 /// A directory removed (best effort) on drop.
 #[derive(Debug)]
-struct TempDir {
-    path: PathBuf,
+pub(crate) struct TempDir {
+    pub(crate) path: PathBuf,
 }
 
 impl TempDir {
     /// Creates `<temp>/<prefix>-<pid>-<counter>-<nanos>`, owned by `run_as` if given.
-    fn create(prefix: &str, run_as: Option<RunAs>) -> Result<TempDir, ClusterError> {
+    pub(crate) fn create(prefix: &str, run_as: Option<RunAs>) -> Result<TempDir, ClusterError> {
         static COUNTER: AtomicU64 = AtomicU64::new(0);
         let nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -766,7 +888,7 @@ impl TempDir {
     }
 
     /// A placeholder that owns nothing.
-    fn empty() -> TempDir {
+    pub(crate) fn empty() -> TempDir {
         TempDir {
             path: PathBuf::new(),
         }
@@ -783,14 +905,15 @@ impl Drop for TempDir {
 
 /// The server programs, from the highest-versioned `/usr/lib/postgresql/*/bin`, else PATH.
 #[derive(Debug)]
-struct ServerBins {
+pub(crate) struct ServerBins {
     initdb: PathBuf,
     pg_ctl: PathBuf,
-    psql: PathBuf,
+    pg_basebackup: PathBuf,
+    pub(crate) psql: PathBuf,
 }
 
 impl ServerBins {
-    fn find() -> Result<ServerBins, ClusterError> {
+    pub(crate) fn find() -> Result<ServerBins, ClusterError> {
         let dir = pg_bin_dir();
         let server = |program: &'static str| -> Result<PathBuf, ClusterError> {
             match dir.as_ref().map(|d| d.join(program)) {
@@ -800,6 +923,7 @@ impl ServerBins {
         };
         let initdb = server("initdb")?;
         let pg_ctl = server("pg_ctl")?;
+        let pg_basebackup = server("pg_basebackup")?;
         server("postgres")?; // pg_ctl runs it from its own directory or PATH.
         let mut psql_fallbacks = vec![PathBuf::from("/usr/bin/psql")];
         psql_fallbacks.extend(dir.map(|d| d.join("psql")));
@@ -808,6 +932,7 @@ impl ServerBins {
         Ok(ServerBins {
             initdb,
             pg_ctl,
+            pg_basebackup,
             psql,
         })
     }
@@ -832,7 +957,10 @@ fn pg_bin_dir() -> Option<PathBuf> {
 }
 
 /// Finds `program` on PATH, then at `fallbacks`.
-fn find_program(program: &'static str, fallbacks: &[&Path]) -> Result<PathBuf, ClusterError> {
+pub(crate) fn find_program(
+    program: &'static str,
+    fallbacks: &[&Path],
+) -> Result<PathBuf, ClusterError> {
     let path_var = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path_var)
         .map(|dir| dir.join(program))
@@ -856,7 +984,7 @@ fn is_executable(path: &Path) -> bool {
 
 /// The OS identity the server programs run as.
 #[derive(Debug, Clone, Copy)]
-struct RunAs {
+pub(crate) struct RunAs {
     uid: u32,
     gid: u32,
 }
@@ -924,7 +1052,7 @@ fn effective_uid() -> Result<u32, ClusterError> {
 /// A command for a server program: run as `run_as` (not through `runuser`, which would
 /// stand between us and the process we must kill), in `dir`, without inherited `PG*`
 /// variables, with standard input closed.
-fn server_command(program: &Path, dir: &Path, run_as: Option<RunAs>) -> Command {
+pub(crate) fn server_command(program: &Path, dir: &Path, run_as: Option<RunAs>) -> Command {
     let mut cmd = Command::new(program);
     clear_pg_env(&mut cmd);
     cmd.current_dir(dir).stdin(Stdio::null());
@@ -945,7 +1073,11 @@ fn clear_pg_env(cmd: &mut Command) {
 }
 
 /// Runs `cmd` to completion; on failure, the error quotes its output and `log`'s tail.
-fn run(mut cmd: Command, program: String, log: Option<&Path>) -> Result<(), ClusterError> {
+pub(crate) fn run(
+    mut cmd: Command,
+    program: String,
+    log: Option<&Path>,
+) -> Result<(), ClusterError> {
     let output = cmd
         .output()
         .map_err(|e| ClusterError::io(format!("running {program}"), e))?;
@@ -965,7 +1097,11 @@ fn run(mut cmd: Command, program: String, log: Option<&Path>) -> Result<(), Clus
 }
 
 /// Writes `contents` to `path` and hands it to `run_as`.
-fn write_file(path: &Path, contents: &str, run_as: Option<RunAs>) -> Result<(), ClusterError> {
+pub(crate) fn write_file(
+    path: &Path,
+    contents: &str,
+    run_as: Option<RunAs>,
+) -> Result<(), ClusterError> {
     fs::write(path, contents)
         .map_err(|e| ClusterError::io(format!("writing {}", path.display()), e))?;
     match run_as {
@@ -981,7 +1117,7 @@ fn chown(path: &Path, id: RunAs) -> Result<(), ClusterError> {
 
 /// A free TCP port on 127.0.0.1 (bound, read, released; another process may take it
 /// before the server binds it, hence the retries).
-fn free_port() -> Result<u16, ClusterError> {
+pub(crate) fn free_port() -> Result<u16, ClusterError> {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
         .map_err(|e| ClusterError::io("binding 127.0.0.1:0", e))?;
     listener
@@ -990,17 +1126,17 @@ fn free_port() -> Result<u16, ClusterError> {
         .map_err(|e| ClusterError::io("reading a bound port", e))
 }
 
-fn file_len(path: &Path) -> u64 {
+pub(crate) fn file_len(path: &Path) -> u64 {
     fs::metadata(path).map(|m| m.len()).unwrap_or(0)
 }
 
 /// Whether `log`, past `from`, says the port was taken.
-fn port_taken(log: &Path, from: u64) -> bool {
+pub(crate) fn port_taken(log: &Path, from: u64) -> bool {
     read_from(log, from).contains("already in use")
 }
 
 /// The last few KiB of `path`, or a note that it could not be read.
-fn tail(path: &Path) -> String {
+pub(crate) fn tail(path: &Path) -> String {
     let from = file_len(path).saturating_sub(LOG_TAIL_BYTES);
     let text = read_from(path, from);
     if text.is_empty() {
