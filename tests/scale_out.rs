@@ -102,6 +102,31 @@ async fn request(pool: &Pool, who: &Option<SecurityContext>) -> Result<Seen, Fai
     seen(&client).await.map_err(Failure::Statement)
 }
 
+/// One request as `who` whose statement also calls `function('x')`.
+async fn request_calling(
+    pool: &Pool,
+    who: &Option<SecurityContext>,
+    function: &str,
+) -> Result<Seen, Failure> {
+    let client = match who {
+        Some(ctx) => pool.acquire_as(ctx).await,
+        None => pool.get().await,
+    }
+    .map_err(Failure::Pool)?;
+    let sql = format!("{SEEN_SQL}, pg_catalog.{function}('x'::text)");
+    let rows = client
+        .query_typed(&sql, &[])
+        .await
+        .map_err(Failure::Statement)?;
+    let row = &rows[0];
+    Ok(Seen {
+        end_user: user(row.get(0)),
+        rows: row.get(1),
+        port: row.get(2),
+        read_only: row.get::<_, String>(3) == "on",
+    })
+}
+
 #[derive(Debug)]
 enum Failure {
     Pool(PoolError<ctxpool::postgres::Error>),
@@ -169,13 +194,18 @@ async fn pgpool_with_its_defaults_refuses_contexts() {
         for who in [alice(), bob()] {
             for _ in 0..4 {
                 let e = pool.acquire_as(&who).await.map(|_| ()).unwrap_err();
-                assert_eq!(
-                    mapping_error(&e),
-                    Some(&MappingError::ContextRoutedApart),
-                    "{e}"
-                );
                 let text = e.to_string();
-                assert!(text.contains("disable_load_balance_on_write"), "{text}");
+                assert!(
+                    matches!(
+                        mapping_error(&e),
+                        Some(MappingError::ContextRoutedApart { why }) if why.contains("function lists are empty")
+                    ),
+                    "{text}"
+                );
+                assert!(
+                    text.contains("write_function_list naming set_config"),
+                    "{text}"
+                );
             }
         }
     }
@@ -222,15 +252,67 @@ async fn pgpool_sends_set_config_and_the_next_read_to_different_servers() {
     drop(raw);
     let _ = conn.await;
 
-    let pool = pool(&url, ContextScope::Transaction, 2);
+    let refused = pool(&url, ContextScope::Transaction, 2);
+    let e = refused.acquire_as(&alice()).await.map(|_| ()).unwrap_err();
+    assert!(
+        matches!(
+            mapping_error(&e),
+            Some(MappingError::ContextRoutedApart { .. })
+        ),
+        "{e}"
+    );
+    drop(refused);
+    drop(pgpool);
+
+    // Without pgpool-II's catalog look-ups, but balancing with its default
+    // disable_load_balance_on_write: refused for the routing.
+    let mut settings = NO_LOOKUPS.to_vec();
+    settings.extend([("backend_weight0", "0"), ("backend_weight1", "1")]);
+    let pgpool = PgPool::start(&primary, &standby, &settings).unwrap_or_else(|e| panic!("{e}"));
+    let pool = pool(&pgpool.url("hr_app", "hr"), ContextScope::Transaction, 2);
     let e = pool.acquire_as(&alice()).await.map(|_| ()).unwrap_err();
-    assert_eq!(mapping_error(&e), Some(&MappingError::ContextRoutedApart));
+    assert!(
+        matches!(
+            mapping_error(&e),
+            Some(MappingError::ContextRoutedApart { why }) if why.contains("disable_load_balance_on_write")
+        ),
+        "{e}"
+    );
 }
 
-/// The documented settings: disable_load_balance_on_write = 'always' (function lists
-/// empty), or load balancing off. Reads are weighted to the standby, so a plain read goes
-/// there; every request under a context runs on the primary with its own end user and
-/// rows, from 16 tasks interleaving two identities and plain requests.
+/// The settings that keep pgpool-II from sending catalog queries of its own between the
+/// client's statements (the README's "Behind poolers and replicas").
+const NO_LOOKUPS: [(&str, &str); 3] = [
+    (
+        "write_function_list",
+        "'nextval,setval,set_config,pg_catalog.set_config'",
+    ),
+    ("check_temp_table", "none"),
+    ("check_unlogged_table", "off"),
+];
+
+/// Functions a request calls besides [`SEEN_SQL`]'s, one each, so that pgpool-II meets
+/// names it has not seen before during the run.
+const FRESH_FUNCTIONS: [&str; 12] = [
+    "upper",
+    "lower",
+    "md5",
+    "btrim",
+    "initcap",
+    "reverse",
+    "ltrim",
+    "rtrim",
+    "quote_ident",
+    "quote_literal",
+    "length",
+    "char_length",
+];
+
+/// The documented settings: no catalog look-ups of pgpool-II's own ([`NO_LOOKUPS`]), and
+/// disable_load_balance_on_write = 'always' or load balancing off. Reads are weighted to
+/// the standby, so a plain read goes there; every request under a context runs on the
+/// primary with its own end user and rows, from 16 tasks interleaving two identities and
+/// plain requests, each request calling a function pgpool-II may not have met yet.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pgpool_with_the_documented_settings_keeps_each_context_with_its_statement() {
     let (primary, standby) = pair();
@@ -240,14 +322,18 @@ async fn pgpool_with_the_documented_settings_keeps_each_context_with_its_stateme
         ("load_balance_mode", "off"),
     ] {
         let mut settings = weights.to_vec();
+        settings.extend(NO_LOOKUPS);
         settings.push(setting);
-        let pgpool =
-            PgPool::start(&primary, &standby, &settings).unwrap_or_else(|e| panic!("{e}"));
+        let pgpool = PgPool::start(&primary, &standby, &settings).unwrap_or_else(|e| panic!("{e}"));
         let pool = pool(&pgpool.url("hr_app", "hr"), ContextScope::Transaction, 4);
         let plain = seen(&pool.get().await.unwrap()).await.unwrap();
         let balanced = setting.0 == "disable_load_balance_on_write";
         // With balancing on, a plain read (no write before it) goes to the standby.
-        let plain_port = if balanced { standby.port() } else { primary.port() };
+        let plain_port = if balanced {
+            standby.port()
+        } else {
+            primary.port()
+        };
         assert_eq!(plain.port, i32::from(plain_port), "{setting:?}");
         let wrong = Arc::new(Mutex::new(Vec::new()));
         let mut tasks = Vec::new();
@@ -258,7 +344,8 @@ async fn pgpool_with_the_documented_settings_keeps_each_context_with_its_stateme
                 let askers = [alice_asks(), bob_asks(), plain_asks()];
                 for i in 0..20usize {
                     let asker = &askers[(t + i) % 3];
-                    match request(&pool, &asker.who).await {
+                    let fresh = FRESH_FUNCTIONS[(t * 20 + i) % FRESH_FUNCTIONS.len()];
+                    match request_calling(&pool, &asker.who, fresh).await {
                         Ok(s)
                             if asker.sees_own(&s)
                                 && (asker.who.is_none()
@@ -266,7 +353,7 @@ async fn pgpool_with_the_documented_settings_keeps_each_context_with_its_stateme
                         other => wrong
                             .lock()
                             .unwrap()
-                            .push(format!("{:?}: {other:?}", asker.user)),
+                            .push(format!("task {t} request {i} {:?}: {other:?}", asker.user)),
                     }
                 }
             }));
@@ -275,7 +362,11 @@ async fn pgpool_with_the_documented_settings_keeps_each_context_with_its_stateme
             t.await.unwrap();
         }
         let wrong = wrong.lock().unwrap();
-        assert!(wrong.is_empty(), "{setting:?}: {} wrong: {wrong:?}", wrong.len());
+        assert!(
+            wrong.is_empty(),
+            "{setting:?}: {} wrong: {wrong:?}",
+            wrong.len()
+        );
         // A context goes through: not refused by the pool.
         assert!(pool.get().await.unwrap().behind_pgpool());
         drop(pool);
@@ -346,11 +437,7 @@ async fn failover_under_load_never_answers_under_a_wrong_or_missing_context() {
                     let failed = outcome.is_err();
                     let outcome = outcome.map_err(|f| kind(&f));
                     if let Ok(s) = &outcome {
-                        assert!(
-                            asker.sees_own(s),
-                            "task {t} as {:?} saw {s:?}",
-                            asker.user
-                        );
+                        assert!(asker.sees_own(s), "task {t} as {:?} saw {s:?}", asker.user);
                     }
                     records.lock().unwrap().push(Record {
                         phase: sent,
@@ -366,7 +453,10 @@ async fn failover_under_load_never_answers_under_a_wrong_or_missing_context() {
                             assert!(failures_after < 200, "task {t}: the pool did not recover");
                         } else {
                             ok_after += 1;
-                            first_ok_after.lock().unwrap().get_or_insert_with(Instant::now);
+                            first_ok_after
+                                .lock()
+                                .unwrap()
+                                .get_or_insert_with(Instant::now);
                         }
                     } else if failed {
                         // No primary until the promotion: wait for it.
@@ -398,7 +488,10 @@ async fn failover_under_load_never_answers_under_a_wrong_or_missing_context() {
     let (killed_at, promoted_at) = tokio::time::timeout(SCENARIO_LIMIT, run)
         .await
         .expect("the failover scenario did not finish: the pool did not recover");
-    let recovered_at = first_ok_after.lock().unwrap().expect("no answer after the promotion");
+    let recovered_at = first_ok_after
+        .lock()
+        .unwrap()
+        .expect("no answer after the promotion");
 
     let records = records.lock().unwrap();
     let mut answers: BTreeMap<(Phase, i32), usize> = BTreeMap::new();
@@ -416,7 +509,11 @@ async fn failover_under_load_never_answers_under_a_wrong_or_missing_context() {
     let (old, new) = (i32::from(p1), i32::from(p2));
     eprintln!("failover: {} requests", records.len());
     for ((phase, port), n) in &answers {
-        let server = if *port == old { "old primary" } else { "new primary" };
+        let server = if *port == old {
+            "old primary"
+        } else {
+            "new primary"
+        };
         eprintln!("  {phase:?}: {n} right answers from the {server}");
     }
     for ((phase, k), n) in &errors {
@@ -447,7 +544,10 @@ async fn failover_under_load_never_answers_under_a_wrong_or_missing_context() {
         "statement: SQLSTATE 57P02",
     ];
     for (_, k) in errors.keys() {
-        assert!(expected_kinds.contains(&k.as_str()), "unexpected error kind: {k}");
+        assert!(
+            expected_kinds.contains(&k.as_str()),
+            "unexpected error kind: {k}"
+        );
     }
     let status = pool.status();
     assert_eq!(status.available, status.size);
@@ -477,7 +577,9 @@ async fn a_pool_on_a_read_replica_applies_contexts_and_refuses_writes() {
     primary
         .psql("hr", "UPDATE hr.employees SET name = 'Alan' WHERE id = 3")
         .unwrap();
-    primary.wait_replayed(&standby, Duration::from_secs(20)).unwrap();
+    primary
+        .wait_replayed(&standby, Duration::from_secs(20))
+        .unwrap();
     for scope in [ContextScope::Transaction, ContextScope::Session] {
         let pool = pool(&url, scope, 4);
         let c = pool.get().await.unwrap();
@@ -508,12 +610,19 @@ async fn a_pool_on_a_read_replica_applies_contexts_and_refuses_writes() {
             t.await.unwrap();
         }
         let wrong = wrong.lock().unwrap();
-        assert!(wrong.is_empty(), "{scope:?}: {} wrong: {wrong:?}", wrong.len());
+        assert!(
+            wrong.is_empty(),
+            "{scope:?}: {} wrong: {wrong:?}",
+            wrong.len()
+        );
 
         // A write under bob's context (a manager may raise salaries on the primary).
         let c = pool.acquire_as(&bob()).await.unwrap();
         let e = c
-            .execute("UPDATE hr.employees SET salary = salary + 1 WHERE id = 4", &[])
+            .execute(
+                "UPDATE hr.employees SET salary = salary + 1 WHERE id = 4",
+                &[],
+            )
             .await
             .unwrap_err();
         assert_eq!(

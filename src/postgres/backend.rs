@@ -186,13 +186,12 @@ impl Backend for Manager {
 /// What a pooler found at connect says about where a context and the statement after it
 /// run. Only pgpool-II answers `SHOW pool_status` itself (PostgreSQL behind another
 /// pooler refuses it: an error, which leaves the connection usable); its settings decide
-/// whether it may send the context statement and the user's statement to different
-/// servers.
+/// whether the context statement and the user's statement run together.
 async fn pooler_routing(client: &tokio_postgres::Client) -> Routing {
     let Ok(rows) = client.simple_query("SHOW pool_status").await else {
         return Routing::Pooler;
     };
-    let value = |item: &str| {
+    let status = |item: &str| {
         rows.iter().find_map(|m| match m {
             SimpleQueryMessage::Row(row) if row.get(0) == Some(item) => {
                 Some(row.get(1).unwrap_or("").trim().to_owned())
@@ -200,65 +199,172 @@ async fn pooler_routing(client: &tokio_postgres::Client) -> Routing {
             _ => None,
         })
     };
-    if pgpool_keeps_context_together(
-        value("load_balance_mode").as_deref(),
-        value("disable_load_balance_on_write").as_deref(),
-        value("read_only_function_list").as_deref(),
-        value("write_function_list").as_deref(),
-    ) {
-        Routing::Pgpool
-    } else {
-        Routing::PgpoolSplits
+    match pgpool_split(&status) {
+        None => Routing::Pgpool,
+        Some(why) => Routing::PgpoolSplits(why),
     }
 }
 
-/// Whether pgpool-II with these settings (as `SHOW pool_status` reports them) sends a
-/// context statement and the statements after it to the same server. The context
-/// statement calls `set_config`, a volatile function, which pgpool-II counts as a write
-/// and sends to the primary while both function lists are empty; a read after it goes to
-/// the session's load-balancing node, unless load balancing is off or
-/// `disable_load_balance_on_write` is `always` (reported as `4`), under which no read is
-/// balanced after a write until the session ends. Anything else, or a value missing or
-/// not understood, counts as splitting: fail closed.
-pub(crate) fn pgpool_keeps_context_together(
-    load_balance_mode: Option<&str>,
-    disable_load_balance_on_write: Option<&str>,
-    read_only_function_list: Option<&str>,
-    write_function_list: Option<&str>,
-) -> bool {
-    if matches!(load_balance_mode, Some("0" | "off")) {
-        return true;
+/// Why pgpool-II with these settings (`status` looks an item of `SHOW pool_status` up)
+/// may run a context statement and the statement after it apart, or `None` when it
+/// cannot. A setting missing or not understood counts against it: fail closed.
+///
+/// Two ways to lose the context were found on pgpool-II 4.3:
+/// - Routing. The context statement calls `set_config`, a volatile function: a write to
+///   pgpool-II, sent to the primary, while the read after it goes to the session's
+///   load-balancing node. Safe: load balancing off, or `disable_load_balance_on_write =
+///   'always'` (no read balanced after a write, until the session ends) with
+///   `set_config` and `pg_catalog.set_config` in `write_function_list`.
+/// - Catalog look-ups. The first time it meets a function (to learn its volatility, when
+///   both function lists are empty) or a table (`check_temp_table = catalog`,
+///   `check_unlogged_table = on`), pgpool-II sends a query of its own, with its own Sync,
+///   in the middle of the client's statements: that Sync ends the implicit transaction
+///   holding the transaction-local context, and the user's statement runs without it.
+///   Safe: a function list set, `check_temp_table` `none` or `trace`,
+///   `check_unlogged_table = off`.
+pub(crate) fn pgpool_split(status: &dyn Fn(&str) -> Option<String>) -> Option<&'static str> {
+    let list = |item: &str| {
+        status(item).map(|v| {
+            v.split(',')
+                .map(|f| f.trim().to_owned())
+                .filter(|f| !f.is_empty())
+                .collect::<Vec<_>>()
+        })
+    };
+    let (Some(read_only), Some(write)) =
+        (list("read_only_function_list"), list("write_function_list"))
+    else {
+        return Some("function lists not reported");
+    };
+    if read_only.is_empty() && write.is_empty() {
+        return Some(
+            "both function lists are empty, so pgpool-II looks each new function up in the \
+             catalog in the middle of a transaction",
+        );
     }
-    matches!(disable_load_balance_on_write, Some("4" | "always"))
-        && read_only_function_list == Some("")
-        && write_function_list == Some("")
+    // check_temp_table: 1 catalog, 2 trace, 3 none (on and off are catalog and none).
+    if !matches!(
+        status("check_temp_table").as_deref(),
+        Some("2" | "3" | "trace" | "none" | "off")
+    ) {
+        return Some(
+            "check_temp_table looks tables up in the catalog in the middle of a transaction",
+        );
+    }
+    if !matches!(status("check_unlogged_table").as_deref(), Some("0" | "off")) {
+        return Some(
+            "check_unlogged_table looks tables up in the catalog in the middle of a transaction",
+        );
+    }
+    if matches!(status("load_balance_mode").as_deref(), Some("0" | "off")) {
+        return None;
+    }
+    // disable_load_balance_on_write: 1 off, 2 transaction, 3 trans_transaction, 4 always,
+    // 5 dml_adaptive.
+    if !matches!(
+        status("disable_load_balance_on_write").as_deref(),
+        Some("4" | "always")
+    ) {
+        return Some(
+            "load balancing sends a read after the context statement to another server \
+             (disable_load_balance_on_write is not 'always')",
+        );
+    }
+    let named = |f: &str| write.iter().any(|w| w == f);
+    if !read_only.is_empty() || !named("set_config") || !named("pg_catalog.set_config") {
+        return Some(
+            "load balancing may send the context statement to another server than the \
+             statements after it (write_function_list does not name set_config and \
+             pg_catalog.set_config)",
+        );
+    }
+    None
 }
 
 #[cfg(test)]
 mod tests {
-    use super::pgpool_keeps_context_together as together;
+    use super::pgpool_split;
+
+    /// pgpool-II's defaults, as SHOW pool_status reports them, with `changes` over them.
+    fn split(changes: &[(&str, &str)]) -> Option<&'static str> {
+        let mut status = vec![
+            ("load_balance_mode", "1"),
+            ("disable_load_balance_on_write", "2"),
+            ("read_only_function_list", ""),
+            ("write_function_list", ""),
+            ("check_temp_table", "1"),
+            ("check_unlogged_table", "1"),
+        ];
+        for (k, v) in changes {
+            status.retain(|(name, _)| name != k);
+            status.push((k, v));
+        }
+        pgpool_split(&|item: &str| {
+            status
+                .iter()
+                .find(|(k, _)| *k == item)
+                .map(|(_, v)| (*v).to_owned())
+        })
+    }
+
+    const NO_LOOKUPS: [(&str, &str); 3] = [
+        ("write_function_list", "nextval, setval"),
+        ("check_temp_table", "3"),
+        ("check_unlogged_table", "0"),
+    ];
+    const SET_CONFIG_WRITES: (&str, &str) = (
+        "write_function_list",
+        "nextval,setval,set_config,pg_catalog.set_config",
+    );
 
     #[test]
-    fn pgpool_settings_that_keep_a_context_with_its_statement() {
-        // Load balancing off: everything goes to the primary.
-        assert!(together(Some("0"), Some("2"), Some(""), Some("")));
-        // pgpool-II's defaults: a read after the context goes to the balancing node.
-        assert!(!together(Some("1"), Some("2"), Some(""), Some("")));
-        // always: no read is balanced after the context's write.
-        assert!(together(Some("1"), Some("4"), Some(""), Some("")));
-        assert!(together(Some("1"), Some("always"), Some(""), Some("")));
-        // A function list: set_config's volatility is no longer what decides.
-        assert!(!together(
-            Some("1"),
-            Some("4"),
-            Some("set_config"),
-            Some("")
-        ));
-        assert!(!together(Some("1"), Some("4"), Some(""), Some("nextval")));
-        // off, trans_transaction, dml_adaptive, and anything unknown or missing.
-        for on_write in [Some("1"), Some("3"), Some("5"), Some("x"), None] {
-            assert!(!together(Some("1"), on_write, Some(""), Some("")));
+    fn pgpool_defaults_split_a_context_from_its_statement() {
+        assert!(split(&[]).is_some_and(|why| why.contains("function lists are empty")));
+    }
+
+    #[test]
+    fn pgpool_without_catalog_look_ups_and_load_balancing_keeps_them_together() {
+        assert_eq!(
+            split(&[&NO_LOOKUPS[..], &[("load_balance_mode", "0")]].concat()),
+            None
+        );
+        // Each look-up alone is enough to refuse.
+        for undo in [
+            ("write_function_list", ""),
+            ("check_temp_table", "1"),
+            ("check_unlogged_table", "1"),
+        ] {
+            let mut s = NO_LOOKUPS.to_vec();
+            s.push(("load_balance_mode", "0"));
+            s.push(undo);
+            assert!(split(&s).is_some(), "{undo:?}");
         }
-        assert!(!together(None, Some("4"), None, None));
+        // trace needs no catalog.
+        let mut s = NO_LOOKUPS.to_vec();
+        s.extend([("load_balance_mode", "0"), ("check_temp_table", "2")]);
+        assert_eq!(split(&s), None);
+    }
+
+    #[test]
+    fn pgpool_load_balancing_needs_always_and_set_config_as_a_write() {
+        let mut s = NO_LOOKUPS.to_vec();
+        s.push(("disable_load_balance_on_write", "4"));
+        // set_config not named: pgpool-II takes it for a read.
+        assert!(split(&s).is_some_and(|why| why.contains("set_config")));
+        s.push(SET_CONFIG_WRITES);
+        assert_eq!(split(&s), None);
+        for on_write in ["1", "2", "3", "5", "x"] {
+            let mut t = s.clone();
+            t.push(("disable_load_balance_on_write", on_write));
+            assert!(split(&t).is_some(), "{on_write}");
+        }
+        // A read-only list alongside: refused.
+        s.push(("read_only_function_list", "lower"));
+        assert!(split(&s).is_some());
+    }
+
+    #[test]
+    fn pgpool_settings_not_reported_count_against_it() {
+        assert!(pgpool_split(&|_: &str| None).is_some());
     }
 }

@@ -450,13 +450,12 @@ impl ClientWrapper {
     }
 
     /// Whether the connection goes through pgpool-II (it answered `SHOW pool_status` at
-    /// connect). Contexts are refused there when its load balancing may send them and
-    /// the statements after them to different servers
-    /// ([`MappingError::ContextRoutedApart`]).
+    /// connect). Contexts are refused there when its settings may run them apart from the
+    /// statements after them ([`MappingError::ContextRoutedApart`]).
     pub fn behind_pgpool(&self) -> bool {
         matches!(
             self.session.routing(),
-            Routing::Pgpool | Routing::PgpoolSplits
+            Routing::Pgpool | Routing::PgpoolSplits(_)
         )
     }
 }
@@ -476,8 +475,8 @@ impl Connection for ClientWrapper {
     type AttachError = MappingError;
 
     fn attach_context(&mut self, context: SecurityContext) -> Result<(), MappingError> {
-        if self.session.routing() == Routing::PgpoolSplits {
-            return Err(MappingError::ContextRoutedApart);
+        if let Routing::PgpoolSplits(why) = self.session.routing() {
+            return Err(MappingError::ContextRoutedApart { why });
         }
         if self.session.config().scope == ContextScope::Session && self.session.proxied() {
             return Err(MappingError::SessionScopeBehindProxy);

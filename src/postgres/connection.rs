@@ -303,9 +303,9 @@ pub(crate) enum Routing {
     Pooler,
     /// pgpool-II, whose settings keep a context and the statements after it on one server.
     Pgpool,
-    /// pgpool-II, whose load balancing may send the context and the statement after it to
-    /// different servers.
-    PgpoolSplits,
+    /// pgpool-II, whose settings may run the context and the statement after it apart
+    /// (on different servers, or in different transactions); says which.
+    PgpoolSplits(&'static str),
 }
 
 /// One connection's session.

@@ -146,16 +146,21 @@ pub enum MappingError {
          the backend process id differs from pg_backend_pid()); use transaction scope"
     )]
     SessionScopeBehindProxy,
-    /// The connection goes through pgpool-II whose load balancing may send the context
-    /// statement (a write to it: `set_config` is volatile) to the primary and the
-    /// statement after it to a standby, where it would run without the context.
+    /// The connection goes through pgpool-II whose settings (read at connect from
+    /// `SHOW pool_status`) may run the context statement apart from the statement after
+    /// it: on another server (load balancing), or in another transaction (a catalog
+    /// query of pgpool-II's own, with its own Sync, in between). The statement would run
+    /// without the context.
     #[error(
-        "contexts are refused behind this pgpool-II: its load balancing may run the context \
-         and the statement after it on different servers (detected at connect from SHOW \
-         pool_status); set load_balance_mode = off, or disable_load_balance_on_write = \
-         'always' with read_only_function_list and write_function_list empty"
+        "contexts are refused behind this pgpool-II: {why}. Required: a function list set \
+         (write_function_list naming set_config and pg_catalog.set_config), \
+         check_temp_table = none or trace, check_unlogged_table = off, and load_balance_mode \
+         = off or disable_load_balance_on_write = 'always'"
     )]
-    ContextRoutedApart,
+    ContextRoutedApart {
+        /// Which setting is in the way.
+        why: &'static str,
+    },
 }
 
 /// A context mapped onto a session: everything a statement binds, computed once.
