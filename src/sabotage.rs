@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 static SKIP_RESET: AtomicBool = AtomicBool::new(false);
 static IGNORE_STATUS: AtomicBool = AtomicBool::new(false);
+static TRUST_PGPOOL: AtomicBool = AtomicBool::new(false);
 /// The injection position plus one; zero for none.
 static INJECT_AT: AtomicUsize = AtomicUsize::new(0);
 
@@ -20,6 +21,12 @@ pub fn skip_reset(on: bool) {
 /// Take every connection back as idle, whatever the server's last transaction status.
 pub fn ignore_status(on: bool) {
     IGNORE_STATUS.store(on, Ordering::SeqCst);
+}
+
+/// Take every pgpool-II for one whose settings keep a context with the statement after
+/// it, whatever `SHOW pool_status` reports.
+pub fn trust_pgpool(on: bool) {
+    TRUST_PGPOOL.store(on, Ordering::SeqCst);
 }
 
 /// Adds a failing statement ([`INJECTED_ERROR_SQL`]) to every batch of the pool's
@@ -47,4 +54,9 @@ pub(crate) fn reset_skipped() -> bool {
 #[cfg(feature = "postgres")]
 pub(crate) fn status_ignored() -> bool {
     IGNORE_STATUS.load(Ordering::Relaxed)
+}
+
+#[cfg(feature = "postgres")]
+pub(crate) fn pgpool_trusted() -> bool {
+    TRUST_PGPOOL.load(Ordering::Relaxed)
 }

@@ -54,7 +54,9 @@ async fn a_thousand_interleaved_requests_through_pgbouncer() {
 
 async fn interleaved_requests(url: &str, config: ctxpool::postgres::ContextConfig) {
     let pool = pool_with(url, config, 4);
-    assert!(pool.get().await.unwrap().behind_proxy());
+    let c = pool.get().await.unwrap();
+    assert!(c.behind_proxy() && !c.behind_pgpool());
+    drop(c);
     let wrong = Arc::new(AtomicUsize::new(0));
     let done = Arc::new(AtomicUsize::new(0));
     let mut tasks = Vec::new();

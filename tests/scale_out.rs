@@ -373,6 +373,20 @@ async fn pgpool_with_the_documented_settings_keeps_each_context_with_its_stateme
     }
 }
 
+/// A plain TCP forwarder (one server session per client connection) is no pooler: the
+/// server sees the forwarder's port, and pgpool-II's `SHOW pool_status` is refused, so the
+/// connection counts as direct and session scope stays available.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tcp_forwarder_is_no_pooler() {
+    let cluster = hr_cluster();
+    let forwarder = ctxpool_testkit::FlightProxy::start(addr(&cluster), Duration::ZERO).unwrap();
+    let url = format!("postgres://hr_app@{}/hr", forwarder.addr());
+    let pool = pool(&url, ContextScope::Session, 1);
+    let c = pool.acquire_as(&alice()).await.unwrap();
+    assert!(!c.behind_proxy() && !c.behind_pgpool());
+    assert!(alice_asks().sees_own(&seen(&c).await.unwrap()));
+}
+
 // ---- failover ---------------------------------------------------------------------------
 
 /// One request's record in the failover run.

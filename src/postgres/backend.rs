@@ -129,18 +129,29 @@ impl Backend for Manager {
         let client_port = row
             .and_then(|r| r.get(1))
             .and_then(|v| v.parse::<u16>().ok());
+        let pid_differs = reported.is_none() || reported != wire.backend_pid();
+        // A socket of its own towards the server, with the same process id: a plain TCP
+        // forwarder (one server session per connection, nothing to change), or pgpool-II
+        // on a session whose balancing node answered the probe.
         let other_socket = local_port.is_some() && client_port != local_port;
-        let proxied = reported.is_none() || reported != wire.backend_pid() || other_socket;
-        let mut routing = Routing::Direct;
+        let routing = if pid_differs || other_socket {
+            match pgpool_routing(&client).await {
+                Some(routing) => routing,
+                None if pid_differs => Routing::Pooler,
+                None => Routing::Direct,
+            }
+        } else {
+            Routing::Direct
+        };
+        let proxied = routing != Routing::Direct;
         if proxied {
-            routing = pooler_routing(&client).await;
             tracing::debug!(
                 announced = ?wire.backend_pid(),
                 reported = ?reported,
                 local_port = ?local_port,
                 client_port = ?client_port,
                 routing = ?routing,
-                "ctxpool: a pooler or proxy sits between the pool and the server"
+                "ctxpool: a pooler sits between the pool and the server"
             );
         }
         // Behind a pooler, the next transaction may run on another server connection,
@@ -183,14 +194,12 @@ impl Backend for Manager {
     }
 }
 
-/// What a pooler found at connect says about where a context and the statement after it
-/// run. Only pgpool-II answers `SHOW pool_status` itself (PostgreSQL behind another
-/// pooler refuses it: an error, which leaves the connection usable); its settings decide
-/// whether the context statement and the user's statement run together.
-async fn pooler_routing(client: &tokio_postgres::Client) -> Routing {
-    let Ok(rows) = client.simple_query("SHOW pool_status").await else {
-        return Routing::Pooler;
-    };
+/// pgpool-II's routing, or `None` when the connection does not go through pgpool-II.
+/// Only pgpool-II answers `SHOW pool_status` itself (PostgreSQL, directly or behind
+/// another pooler, refuses it: an error, which leaves the connection usable); its settings
+/// decide whether the context statement and the user's statement run together.
+async fn pgpool_routing(client: &tokio_postgres::Client) -> Option<Routing> {
+    let rows = client.simple_query("SHOW pool_status").await.ok()?;
     let status = |item: &str| {
         rows.iter().find_map(|m| match m {
             SimpleQueryMessage::Row(row) if row.get(0) == Some(item) => {
@@ -199,10 +208,11 @@ async fn pooler_routing(client: &tokio_postgres::Client) -> Routing {
             _ => None,
         })
     };
-    match pgpool_split(&status) {
+    Some(match pgpool_split(&status) {
+        _ if pgpool_trusted() => Routing::Pgpool,
         None => Routing::Pgpool,
         Some(why) => Routing::PgpoolSplits(why),
-    }
+    })
 }
 
 /// Why pgpool-II with these settings (`status` looks an item of `SHOW pool_status` up)
@@ -279,6 +289,15 @@ pub(crate) fn pgpool_split(status: &dyn Fn(&str) -> Option<String>) -> Option<&'
         );
     }
     None
+}
+
+#[cfg(feature = "sabotage")]
+fn pgpool_trusted() -> bool {
+    crate::sabotage::pgpool_trusted()
+}
+#[cfg(not(feature = "sabotage"))]
+fn pgpool_trusted() -> bool {
+    false
 }
 
 #[cfg(test)]

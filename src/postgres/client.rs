@@ -441,10 +441,11 @@ impl ClientWrapper {
         self.session.wire.parameter(name)
     }
 
-    /// Whether the connection goes through a pooler or proxy (PgBouncer, pgpool-II):
-    /// detected at connect, when the process id the server announced differs from
-    /// `pg_backend_pid()`, or when the server sees the client on another port than the
-    /// one of the pool's socket (`inet_client_port()`).
+    /// Whether the connection goes through a pooler (PgBouncer, pgpool-II): detected at
+    /// connect, when the process id the server announced differs from `pg_backend_pid()`,
+    /// or when pgpool-II answers `SHOW pool_status` (asked when either that differs or the
+    /// server sees the client on another port than the pool's socket, as behind any TCP
+    /// proxy; a plain TCP forwarder, one server session per connection, is no pooler).
     pub fn behind_proxy(&self) -> bool {
         self.session.proxied()
     }
