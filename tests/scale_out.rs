@@ -555,7 +555,9 @@ async fn failover_under_load_never_answers_under_a_wrong_or_missing_context() {
         "connect: connection closed",
         "connect: SQLSTATE 57P01",
         "connect: SQLSTATE 57P03",
+        "connect: connection lost",
         "statement: connection closed",
+        "statement: connection lost",
         "statement: SQLSTATE 57P01",
         "statement: SQLSTATE 57P02",
     ];
