@@ -132,8 +132,11 @@ impl Backend for Manager {
         let pid_differs = reported.is_none() || reported != wire.backend_pid();
         // A socket of its own towards the server, with the same process id: a plain TCP
         // forwarder (one server session per connection, nothing to change), or pgpool-II
-        // on a session whose balancing node answered the probe.
-        let other_socket = local_port.is_some() && client_port != local_port;
+        // on a session whose balancing node answered the probe. Over a Unix socket the
+        // server reports no port; one reported anyway is another socket's. (A pooler
+        // reached over a Unix socket that reaches the server over one too shows neither
+        // sign when the process ids agree.)
+        let other_socket = client_port != local_port;
         let routing = if pid_differs || other_socket {
             match pgpool_routing(&client).await {
                 Some(routing) => routing,
