@@ -155,22 +155,21 @@ pub struct PgCluster {
 }
 
 impl PgCluster {
-    /// Creates a cluster with `initdb` and starts it; returns once it accepts connections.
-    ///
-    /// # Errors
-    /// [`ClusterError::NotInstalled`] if PostgreSQL is missing,
-    /// [`ClusterError::NoServiceUser`] when running as root without a `postgres` OS user,
-    /// [`ClusterError::Command`] if `initdb` or `pg_ctl start` fails.
-    pub fn start() -> Result<PgCluster, ClusterError> {
-        let started = Instant::now();
+    /// A cluster not created yet: its temporary directory (named after `prefix`, owned by
+    /// `run_as`) and the watchdog that stops a server there and deletes the directory if
+    /// this process dies, spawned before anything runs in it so that nothing can outlive
+    /// us. `what` names the server in the watchdog's messages.
+    fn unstarted(
+        what: &str,
+        prefix: &str,
+        run_as: Option<RunAs>,
+    ) -> Result<PgCluster, ClusterError> {
         let bin = ServerBins::find()?;
-        let run_as = service_identity()?;
-        let dir = TempDir::create("ctxpool-pg", run_as)?;
+        let dir = TempDir::create(prefix, run_as)?;
         let data = dir.path.join("data");
         let log = dir.path.join("postgres.log");
-        // Before anything runs in the directory, so that nothing there can outlive us.
         let watchdog = Watchdog::spawn(
-            "PostgreSQL",
+            what,
             CLUSTER_WATCHDOG,
             &[
                 bin.pg_ctl.as_os_str(),
@@ -179,7 +178,7 @@ impl PgCluster {
             ],
             run_as,
         )?;
-        let mut cluster = PgCluster {
+        Ok(PgCluster {
             port: 0,
             data,
             log,
@@ -187,7 +186,18 @@ impl PgCluster {
             run_as,
             dir,
             _watchdog: watchdog,
-        };
+        })
+    }
+
+    /// Creates a cluster with `initdb` and starts it; returns once it accepts connections.
+    ///
+    /// # Errors
+    /// [`ClusterError::NotInstalled`] if PostgreSQL is missing,
+    /// [`ClusterError::NoServiceUser`] when running as root without a `postgres` OS user,
+    /// [`ClusterError::Command`] if `initdb` or `pg_ctl start` fails.
+    pub fn start() -> Result<PgCluster, ClusterError> {
+        let started = Instant::now();
+        let mut cluster = Self::unstarted("PostgreSQL", "ctxpool-pg", service_identity()?)?;
         cluster.initdb()?;
         cluster.write_hba()?;
         cluster.boot()?;
@@ -215,30 +225,8 @@ impl PgCluster {
     /// [`ClusterError::Command`] if the backup or the start fails.
     pub fn start_standby(primary: &PgCluster) -> Result<PgCluster, ClusterError> {
         let started = Instant::now();
-        let bin = ServerBins::find()?;
         let run_as = primary.run_as;
-        let dir = TempDir::create("ctxpool-pg-standby", run_as)?;
-        let data = dir.path.join("data");
-        let log = dir.path.join("postgres.log");
-        let watchdog = Watchdog::spawn(
-            "PostgreSQL standby",
-            CLUSTER_WATCHDOG,
-            &[
-                bin.pg_ctl.as_os_str(),
-                data.as_os_str(),
-                dir.path.as_os_str(),
-            ],
-            run_as,
-        )?;
-        let mut standby = PgCluster {
-            port: 0,
-            data,
-            log,
-            bin,
-            run_as,
-            dir,
-            _watchdog: watchdog,
-        };
+        let mut standby = Self::unstarted("PostgreSQL standby", "ctxpool-pg-standby", run_as)?;
         let mut cmd = server_command(&standby.bin.pg_basebackup, &standby.dir.path, run_as);
         cmd.args(["-h", HOST, "-p"])
             .arg(primary.port.to_string())
