@@ -175,7 +175,7 @@ impl Backend for Manager {
         if client.is_closed() {
             return Err(DiscardReason::Lost);
         }
-        if wire.status() != TxStatus::Idle && !super::connection::sabotaged_status() {
+        if wire.status() != TxStatus::Idle && !crate::sabotage::status_ignored() {
             return Err(DiscardReason::OpenTransaction);
         }
         let Some(sql) = self.config.recycling_method.query() else {
@@ -212,7 +212,7 @@ async fn pgpool_routing(client: &tokio_postgres::Client) -> Option<Routing> {
         })
     };
     Some(match pgpool_split(&status) {
-        _ if pgpool_trusted() => Routing::Pgpool,
+        _ if crate::sabotage::pgpool_trusted() => Routing::Pgpool,
         None => Routing::Pgpool,
         Some(why) => Routing::PgpoolSplits(why),
     })
@@ -292,15 +292,6 @@ pub(crate) fn pgpool_split(status: &dyn Fn(&str) -> Option<String>) -> Option<&'
         );
     }
     None
-}
-
-#[cfg(feature = "sabotage")]
-fn pgpool_trusted() -> bool {
-    crate::sabotage::pgpool_trusted()
-}
-#[cfg(not(feature = "sabotage"))]
-fn pgpool_trusted() -> bool {
-    false
 }
 
 #[cfg(test)]

@@ -482,7 +482,8 @@ impl Session {
         };
         // In session scope a context switch resets first: nothing of the previous
         // context may survive into the next.
-        let resets = (st.reset_armed || (session && !holds_desired)) && !sabotaged_reset();
+        let resets =
+            (st.reset_armed || (session && !holds_desired)) && !crate::sabotage::reset_skipped();
         let mut before = Steps::new();
         if resets {
             self.push_reset(&mut before, st.deallocate);
@@ -701,7 +702,7 @@ impl Session {
             return Err(DiscardReason::ResetFailed);
         }
         let mut st = self.state.lock();
-        if self.wire.status() != TxStatus::Idle && !sabotaged_status() {
+        if self.wire.status() != TxStatus::Idle && !crate::sabotage::status_ignored() {
             // Left in a transaction (forgotten, or opened in SQL and never ended): roll it
             // back now, so that its locks go; recycle waits for the answer.
             self.wire.send_query("ROLLBACK");
@@ -724,21 +725,4 @@ impl PoolStatements {
     fn context_statement(&self, mapped: &Mapped) -> &Named {
         self.flat.get(mapped.attribute_count()).unwrap_or(&self.any)
     }
-}
-
-#[cfg(feature = "sabotage")]
-fn sabotaged_reset() -> bool {
-    crate::sabotage::reset_skipped()
-}
-#[cfg(not(feature = "sabotage"))]
-fn sabotaged_reset() -> bool {
-    false
-}
-#[cfg(feature = "sabotage")]
-pub(crate) fn sabotaged_status() -> bool {
-    crate::sabotage::status_ignored()
-}
-#[cfg(not(feature = "sabotage"))]
-pub(crate) fn sabotaged_status() -> bool {
-    false
 }
