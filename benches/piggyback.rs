@@ -20,6 +20,9 @@
 //!   and bob in turn): ctxpool on hr_app.
 //! - `naive`: a plain pool with the context set by an awaited `set_config` statement, the
 //!   query, and an awaited `RESET`: three round trips.
+//! - `raw_fast`: the baseline's query on the baseline's login, no pool, through the raw
+//!   client of `limit`: `deadpool_fast` over `raw_fast` is what tokio-postgres and a pool
+//!   cost the client, a share every variant built on them pays and the limits do not.
 //! - `limit`: the physical limit, no pool: one raw connection, the context statement and
 //!   `LIST` prepared once, each request their two Bind/Execute under one Sync.
 //!   `limit_with_reset` sends ctxpool's session reset first (its check, then `BEGIN`, the
@@ -111,10 +114,11 @@ enum Request {
     Limit(Box<Limit>),
 }
 
-/// The raw connection of the limit and the parameters of its context statement.
+/// The raw connection of the limit and the parameters of its context statement (none for
+/// `raw_fast`, whose login holds the context).
 struct Limit {
     conn: RawConn,
-    params: Vec<Vec<u8>>,
+    params: Option<Vec<Vec<u8>>>,
     reset: bool,
 }
 
@@ -134,8 +138,21 @@ impl Limit {
         conn.sync().await;
         Self {
             conn,
-            params,
+            params: Some(params),
             reset,
+        }
+    }
+
+    /// `raw_fast`: the baseline's query on the baseline's login through the limit's raw
+    /// client, so that the client library's share of every other figure shows.
+    async fn raw_fast(addr: SocketAddr) -> Self {
+        let mut conn = RawConn::connect(addr, ALICE_LOGIN, "hr").await;
+        conn.parse("list", LIST, 0);
+        conn.sync().await;
+        Self {
+            conn,
+            params: None,
+            reset: false,
         }
     }
 
@@ -147,14 +164,19 @@ impl Limit {
                     .bind_execute(&format!("reset{i}"), std::iter::empty());
             }
         }
-        self.conn
-            .bind_execute("ctx", self.params.iter().map(Vec::as_slice));
+        if let Some(params) = &self.params {
+            self.conn
+                .bind_execute("ctx", params.iter().map(Vec::as_slice));
+        }
         self.conn.bind_execute("list", std::iter::empty());
         let mut reply = self.conn.sync().await;
-        let expected = if self.reset { RESET_SQL.len() + 2 } else { 2 };
+        let expected =
+            usize::from(self.params.is_some()) + if self.reset { RESET_SQL.len() + 1 } else { 1 };
         assert_eq!(reply.len(), expected, "one completion per statement");
-        // The context statement answers one row.
-        assert_eq!(reply[expected - 2].len(), 1);
+        if self.params.is_some() {
+            // The context statement answers one row.
+            assert_eq!(reply[expected - 2].len(), 1);
+        }
         reply.pop().unwrap_or_default()
     }
 }
@@ -331,10 +353,11 @@ fn main() {
         // One request at a time.
         let mut inter = Interleaver::new(BATCH, |v: &mut Request, n| rt.block_on(v.batch(n)))
             .fresh_per_call(short_run());
-        let (bb8, sqlx, limit, limit_with_reset) = rt.block_on(async {
+        let (bb8, sqlx, raw_fast, limit, limit_with_reset) = rt.block_on(async {
             (
                 bb8(&login, 1).await,
                 sqlx(&login, 1).await,
+                Limit::raw_fast(addr).await,
                 Limit::new(addr, &expected.settings, false).await,
                 Limit::new(addr, &expected.settings, true).await,
             )
@@ -377,6 +400,7 @@ fn main() {
                     expected.settings.statement_params(),
                 ),
             ),
+            ("raw_fast", Request::Limit(Box::new(raw_fast))),
             ("limit", Request::Limit(Box::new(limit))),
             (
                 "limit_with_reset",

@@ -7,6 +7,7 @@ mod support;
 use ctxpool::postgres::{ContextScope, MappingError, PoolError};
 use ctxpool::{EndUserIdentity, SecurityContext};
 use ctxpool_testkit::FlightProxy;
+use serde_json::json;
 use support::*;
 use tokio_postgres::NoTls;
 
@@ -265,6 +266,72 @@ async fn a_context_costs_no_round_trip() {
             "{scope:?}: plain get after a context checkout"
         );
         drop(c);
+    }
+}
+
+/// The context statements take a context's attributes in slots (up to six) or as arrays
+/// (more): every count applies exactly its attributes, through each way a statement
+/// travels (a prepared statement, whose request carries the context; `query_typed`, which
+/// rides behind a context statement of the pool's), and the next checkout sees none.
+#[tokio::test]
+async fn contexts_of_every_attribute_count_apply_exactly_their_attributes() {
+    const SLOTS: i32 = 12;
+    let probe = format!(
+        "SELECT pg_catalog.current_setting('ctxpool.end_user', true), \
+         pg_catalog.array_agg(coalesce(pg_catalog.current_setting('hr.t.k' || i, true), '') \
+         ORDER BY i) FROM pg_catalog.generate_series(0, {}) AS i",
+        SLOTS - 1
+    );
+    let read =
+        |row: &tokio_postgres::Row| -> (Option<String>, Vec<String>) { (row.get(0), row.get(1)) };
+    let cluster = hr_cluster();
+    for scope in SCOPES {
+        let pool = pool(&cluster.url("hr_app", "hr"), scope, 1);
+        for n in [0, 1, 6, 7, 12] {
+            let attributes: serde_json::Map<String, serde_json::Value> = (0..n)
+                .map(|i| (format!("k{i}"), json!(format!("v{i}"))))
+                .collect();
+            let ctx = SecurityContext::builder(EndUserIdentity::named("alice", None), "db-token")
+                .data_roles(["hr_employee"])
+                .attributes(json!({ "hr.t": attributes }))
+                .build()
+                .unwrap();
+            let want: Vec<String> = (0..SLOTS)
+                .map(|i| {
+                    if i < n {
+                        format!("v{i}")
+                    } else {
+                        String::new()
+                    }
+                })
+                .collect();
+            let c = pool.acquire_as(&ctx).await.unwrap();
+            let stmt = c.prepare_cached(&probe).await.unwrap();
+            let prepared = read(&c.query_one(&stmt, &[]).await.unwrap());
+            assert_eq!(
+                prepared,
+                (Some("alice".to_owned()), want.clone()),
+                "{scope:?}, {n} attributes, prepared"
+            );
+            let typed = read(&c.query_typed(&probe, &[]).await.unwrap()[0]);
+            assert_eq!(
+                typed,
+                (Some("alice".to_owned()), want),
+                "{scope:?}, {n} attributes, query_typed"
+            );
+            drop(c);
+
+            let plain = pool.get().await.unwrap();
+            let (end_user, values) = read(&plain.query_one(&probe, &[]).await.unwrap());
+            assert!(
+                end_user.unwrap_or_default().is_empty(),
+                "{scope:?}, {n}: end user after release"
+            );
+            assert!(
+                values.iter().all(String::is_empty),
+                "{scope:?}, {n}: {values:?} after release"
+            );
+        }
     }
 }
 
