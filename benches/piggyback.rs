@@ -29,6 +29,12 @@
 //!   statements of `RecyclingMethod::Clean` and `COMMIT`), still under the one Sync: what
 //!   a pool that resets and applies a context in the request's own flight costs at best.
 //!
+//! After each `piggyback` table comes where the time went: per request, the wall time,
+//! the CPU time of the bench thread (the client: tokio-postgres, the pool, the kernel's
+//! send and receive) and that of the variant's server backend, both read from Linux's
+//! `/proc/…/schedstat` around every timed batch. The server column shows what a variant
+//! asks of PostgreSQL, whatever the scheduling of this host does to the wall time.
+//!
 //! `further_statement_{network}`: the cost of one more statement in a checkout already
 //! held (checkout, statement preparation and a first query are done before the clock
 //! starts): `deadpool_fast_held` (baseline), `ctxpool_transaction_scope_held`,
@@ -62,6 +68,76 @@ use support::interleave::{Interleaver, Report};
 use support::*;
 use tokio::runtime::Runtime;
 use tokio_postgres::types::Type;
+
+/// CPU time a thread or process has run, in nanoseconds (the first field of Linux's
+/// `schedstat`); 0 where it cannot be read.
+fn cpu_ns(schedstat: &str) -> u64 {
+    std::fs::read_to_string(schedstat)
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A variant of the `piggyback` groups with where its time went: the bench thread's CPU
+/// time (the client: every variant runs on this one thread) and its server backend's,
+/// summed over every timed batch.
+struct Measured {
+    request: Request,
+    /// The server process of the variant's one connection, when it can be asked.
+    backend: Option<String>,
+    wall: Duration,
+    client_ns: u64,
+    server_ns: u64,
+    requests: u64,
+}
+
+impl Measured {
+    async fn new(mut request: Request) -> Self {
+        let backend = request
+            .backend_pid()
+            .await
+            .map(|pid| format!("/proc/{pid}/schedstat"));
+        Self {
+            request,
+            backend,
+            wall: Duration::ZERO,
+            client_ns: 0,
+            server_ns: 0,
+            requests: 0,
+        }
+    }
+
+    async fn batch(&mut self, n: u64) -> Duration {
+        const CLIENT: &str = "/proc/thread-self/schedstat";
+        let server = self.backend.as_deref().map_or(0, cpu_ns);
+        let client = cpu_ns(CLIENT);
+        let wall = self.request.batch(n).await;
+        self.client_ns += cpu_ns(CLIENT).saturating_sub(client);
+        self.server_ns += self
+            .backend
+            .as_deref()
+            .map_or(0, cpu_ns)
+            .saturating_sub(server);
+        self.wall += wall;
+        self.requests += n;
+        wall
+    }
+
+    /// One row of the CPU table: wall, client CPU and server CPU per request.
+    fn row(&self, name: &str) -> String {
+        let per = |ns: f64| ns / 1000.0 / self.requests.max(1) as f64;
+        let server = if self.backend.is_some() {
+            format!("{:.1} µs", per(self.server_ns as f64))
+        } else {
+            "–".to_owned()
+        };
+        format!(
+            "| {name} | {:.1} µs | {:.1} µs | {server} |",
+            per(self.wall.as_nanos() as f64),
+            per(self.client_ns as f64),
+        )
+    }
+}
 
 /// Requests of each variant per round.
 const BATCH: u64 = 8;
@@ -182,6 +258,43 @@ impl Limit {
 }
 
 impl Request {
+    /// The process id of the variant's one server connection (bb8 and sqlx: not asked).
+    async fn backend_pid(&mut self) -> Option<i32> {
+        const PID: &str = "SELECT pg_catalog.pg_backend_pid()";
+        match self {
+            Self::Deadpool(pool) => Some(
+                pool.get()
+                    .await
+                    .ok()?
+                    .query_one(PID, &[])
+                    .await
+                    .ok()?
+                    .get(0),
+            ),
+            Self::CtxpoolPlain(pool)
+            | Self::CtxpoolAs(pool, _)
+            | Self::CtxpoolSwitching(pool, ..)
+            | Self::Naive(pool, _) => Some(
+                pool.get()
+                    .await
+                    .ok()?
+                    .query_one(PID, &[])
+                    .await
+                    .ok()?
+                    .get(0),
+            ),
+            Self::Limit(limit) => {
+                limit
+                    .conn
+                    .parse("pid", "SELECT pg_catalog.pg_backend_pid()::text", 0);
+                limit.conn.bind_execute("pid", std::iter::empty());
+                let mut reply = limit.conn.sync().await;
+                reply.pop()?.first()?.parse().ok()
+            }
+            Self::Bb8(_) | Self::Sqlx(_) => None,
+        }
+    }
+
     /// One request; the names it read.
     async fn run(&mut self) -> Vec<String> {
         match self {
@@ -351,7 +464,7 @@ fn main() {
         let login = url(addr.port(), ALICE_LOGIN);
 
         // One request at a time.
-        let mut inter = Interleaver::new(BATCH, |v: &mut Request, n| rt.block_on(v.batch(n)))
+        let mut inter = Interleaver::new(BATCH, |v: &mut Measured, n| rt.block_on(v.batch(n)))
             .fresh_per_call(short_run());
         let (bb8, sqlx, raw_fast, limit, limit_with_reset) = rt.block_on(async {
             (
@@ -408,12 +521,13 @@ fn main() {
             ),
         ];
         for (name, variant) in variants {
-            inter.add(name, variant);
+            let measured = rt.block_on(Measured::new(variant));
+            inter.add(name, measured);
         }
         // Every variant reads what it should, twice (the second on a reused connection).
         for (name, variant) in inter.variants_mut() {
             for turn in 0..2 {
-                let rows = rt.block_on(variant.run());
+                let rows = rt.block_on(variant.request.run());
                 let want = match name {
                     "ctxpool_plain" => &expected.plain,
                     "ctxpool_session_switching" if turn == 0 => &expected.alice,
@@ -437,6 +551,14 @@ fn main() {
         }
         group.finish();
         tables.push((group_name, inter.table("deadpool_fast", Report::Latency)));
+        let mut cpu = String::from(
+            "| variant | wall per request | client CPU | server CPU |\n|---|---:|---:|---:|\n",
+        );
+        for (name, variant) in inter.variants_mut() {
+            cpu.push_str(&variant.row(name));
+            cpu.push('\n');
+        }
+        tables.push((format!("piggyback_{network}, where the time went"), cpu));
         drop(inter);
 
         // One more statement in a held checkout.

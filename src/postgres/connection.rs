@@ -96,8 +96,8 @@ struct Named {
 
 /// The statements the pool prepares on each connection at connect, in one flight.
 pub(crate) struct PoolStatements {
-    /// The context statement for up to [`MAX_FLAT`] attributes.
-    flat: Named,
+    /// The context statement for each attribute count up to [`MAX_FLAT`].
+    flat: Vec<Named>,
     /// The context statement for any attribute count.
     any: Named,
     /// `BEGIN`.
@@ -112,16 +112,20 @@ impl PoolStatements {
     /// Prepares them, learning their names from the wire. `None` when a name could not be
     /// learnt (the statements are then sent unnamed).
     pub(crate) async fn prepare(client: &Client, wire: &WireHandle) -> Result<Option<Self>, Error> {
-        let flat_sql = mapping::sync_sql();
+        let sqls: Vec<String> = (0..=MAX_FLAT).map(mapping::sync_sql).collect();
         let reset_sqls: Vec<&str> = RESET.iter().copied().chain([CHECK_SQL_PREPARED]).collect();
-        let mut texts = vec![flat_sql.clone()];
+        let mut texts = sqls.clone();
         texts.push(SYNC_ANY_SQL.to_owned());
         texts.push("BEGIN".to_owned());
         texts.push("COMMIT".to_owned());
         texts.extend(reset_sqls.iter().map(|s| (*s).to_owned()));
         wire.learn_names(texts);
-        let flat_types = mapping::sync_types();
-        let flat = client.prepare_typed(&flat_sql, &flat_types);
+        let types: Vec<Vec<Type>> = (0..=MAX_FLAT).map(mapping::sync_types).collect();
+        let flat = futures_util::future::try_join_all(
+            sqls.iter()
+                .zip(&types)
+                .map(|(sql, t)| client.prepare_typed(sql, t)),
+        );
         let any = client.prepare_typed(SYNC_ANY_SQL, &mapping::SYNC_ANY_TYPES);
         let begin = client.prepare("BEGIN");
         let commit = client.prepare("COMMIT");
@@ -131,7 +135,7 @@ impl PoolStatements {
             join(join(flat, any), join(begin, join(commit, reset))).await;
         let names = wire.learned_names();
         let (flat, any, begin, commit, reset) = (flat?, any?, begin?, commit?, reset?);
-        let mut statements = [flat, any, begin, commit].into_iter().chain(reset);
+        let mut statements = flat.into_iter().chain([any, begin, commit]).chain(reset);
         let mut named = names.into_iter().map(|name| {
             let statement = statements.next()?;
             Some(Named {
@@ -139,8 +143,15 @@ impl PoolStatements {
                 name: name?,
             })
         });
-        let (Some(Some(flat)), Some(Some(any)), Some(Some(begin)), Some(Some(commit))) =
-            (named.next(), named.next(), named.next(), named.next())
+        let mut flat = Vec::with_capacity(MAX_FLAT + 1);
+        for _ in 0..=MAX_FLAT {
+            match named.next().flatten() {
+                Some(n) => flat.push(n),
+                None => return Ok(None),
+            }
+        }
+        let (Some(Some(any)), Some(Some(begin)), Some(Some(commit))) =
+            (named.next(), named.next(), named.next())
         else {
             return Ok(None);
         };
@@ -233,9 +244,8 @@ enum Step<'a> {
     Prepared(&'a str),
     /// Sent as text, parsed unnamed.
     Text(&'a str),
-    /// Prepared at connect under this name, bound to these text parameters (`None` is
-    /// `NULL`).
-    Bound(&'a str, Vec<Option<&'a str>>),
+    /// Prepared at connect under this name, bound to these text parameters.
+    Bound(&'a str, Vec<&'a str>),
 }
 
 type Steps<'a> = Vec<Step<'a>>;
@@ -708,10 +718,6 @@ impl Session {
 
 impl PoolStatements {
     fn context_statement(&self, mapped: &Mapped) -> &Named {
-        if mapped.attribute_count() <= MAX_FLAT {
-            &self.flat
-        } else {
-            &self.any
-        }
+        self.flat.get(mapped.attribute_count()).unwrap_or(&self.any)
     }
 }

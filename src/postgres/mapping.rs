@@ -183,31 +183,27 @@ impl fmt::Debug for Mapped {
     }
 }
 
-/// Contexts with at most this many flattened attributes use [`sync_sql`]; larger ones use
-/// [`SYNC_ANY_SQL`].
+/// Contexts with at most this many flattened attributes use a statement with one
+/// `set_config` per attribute; larger ones use [`SYNC_ANY_SQL`].
 pub(crate) const MAX_FLAT: usize = 6;
 
-/// The position of the parameter that says transaction-local or not in [`sync_sql`].
-const FLAT_LOCAL: usize = 5 + 2 * MAX_FLAT;
-
-/// The statement that sets a context with up to [`MAX_FLAT`] flattened attributes: the
-/// role, the three `ctxpool.*` settings and one `set_config` per attribute, every value
-/// (attribute names included) a bind parameter. An attribute slot whose name is `NULL` is
-/// skipped, so that one prepared statement serves every count: each prepared statement is
-/// one more row for the reset's scan of `pg_prepared_statements` to build. The last
-/// parameter says transaction-local or not. Nothing of a context is ever part of the text.
-pub(crate) fn sync_sql() -> String {
-    let local = FLAT_LOCAL;
+/// The statement that sets a context with exactly `n` flattened attributes: the role, the
+/// three `ctxpool.*` settings and each attribute, every value (attribute names included) a
+/// bind parameter. The last parameter says transaction-local or not. Generated from `n`
+/// alone: nothing of a context is ever part of the text.
+pub(crate) fn sync_sql(n: usize) -> String {
+    let local = 5 + 2 * n;
     let mut sql = format!(
         "SELECT pg_catalog.set_config('role', $1, ${local}), \
          pg_catalog.set_config('ctxpool.end_user', $2, ${local}), \
          pg_catalog.set_config('ctxpool.data_roles', $3, ${local}), \
          pg_catalog.set_config('ctxpool.attributes', $4, ${local})"
     );
-    for i in 0..MAX_FLAT {
-        let (name, value) = (5 + 2 * i, 6 + 2 * i);
+    for i in 0..n {
         sql.push_str(&format!(
-            ", CASE WHEN ${name} IS NOT NULL THEN pg_catalog.set_config(${name}, ${value}, ${local}) END"
+            ", pg_catalog.set_config(${}, ${}, ${local})",
+            5 + 2 * i,
+            6 + 2 * i
         ));
     }
     sql
@@ -222,9 +218,9 @@ pub(crate) const SYNC_ANY_SQL: &str = "SELECT pg_catalog.set_config('role', $1, 
      (SELECT pg_catalog.count(pg_catalog.set_config(k, v, $7)) \
       FROM ROWS FROM (pg_catalog.unnest($5::text[]), pg_catalog.unnest($6::text[])) AS a(k, v))";
 
-/// The parameter types of [`sync_sql`].
-pub(crate) fn sync_types() -> Vec<Type> {
-    let mut types = vec![Type::TEXT; FLAT_LOCAL - 1];
+/// The parameter types of [`sync_sql`]`(n)`.
+pub(crate) fn sync_types(n: usize) -> Vec<Type> {
+    let mut types = vec![Type::TEXT; 4 + 2 * n];
     types.push(Type::BOOL);
     types
 }
@@ -275,11 +271,9 @@ impl Mapped {
         self.names.len()
     }
 
-    /// The values of [`sync_sql`], `local` aside: the four settings, then each
-    /// attribute's name and value, then `NULL` for each unused attribute slot. Only for a
-    /// context of at most [`MAX_FLAT`] attributes (more are cut off).
-    fn flat_values(&self) -> impl Iterator<Item = Option<&String>> {
-        let unused = MAX_FLAT.saturating_sub(self.names.len());
+    /// The values of [`sync_sql`] for this context's attribute count, `local` aside: the
+    /// four settings, then each attribute's name and value.
+    fn flat_values(&self) -> impl Iterator<Item = &String> {
         [
             &self.role,
             &self.end_user,
@@ -291,31 +285,24 @@ impl Mapped {
             self.names
                 .iter()
                 .zip(&self.values)
-                .take(MAX_FLAT)
                 .flat_map(|(name, value)| [name, value]),
         )
-        .map(Some)
-        .chain(std::iter::repeat_n(None, 2 * unused))
     }
 
-    /// The parameters of [`sync_sql`].
+    /// The parameters of [`sync_sql`] for this context's attribute count.
     pub(crate) fn flat_params(&self, local: &'static bool) -> Vec<&(dyn ToSql + Sync)> {
-        static UNUSED: Option<String> = None;
         self.flat_values()
-            .map(|v| match v {
-                Some(v) => v as &(dyn ToSql + Sync),
-                None => &UNUSED as &(dyn ToSql + Sync),
-            })
+            .map(|v| v as &(dyn ToSql + Sync))
             .chain(std::iter::once(local as &(dyn ToSql + Sync)))
             .collect()
     }
 
-    /// The parameters of [`sync_sql`] in text format (`None` for `NULL`), for a statement
-    /// the wire layer binds itself (`local` last, as `true` or `false`).
-    pub(crate) fn flat_text_params(&self, local: bool) -> Vec<Option<&str>> {
+    /// The parameters of [`sync_sql`] in text format, for a statement the wire layer binds
+    /// itself (`local` last, as `true` or `false`).
+    pub(crate) fn flat_text_params(&self, local: bool) -> Vec<&str> {
         self.flat_values()
-            .map(|v| v.map(String::as_str))
-            .chain(std::iter::once(Some(if local { "true" } else { "false" })))
+            .map(String::as_str)
+            .chain(std::iter::once(if local { "true" } else { "false" }))
             .collect()
     }
 
@@ -545,36 +532,13 @@ mod tests {
     }
 
     #[test]
-    fn the_flat_statement_has_a_slot_per_attribute_and_local_last() {
-        assert_eq!(sync_types().len(), 17);
-        assert_eq!(sync_types().last(), Some(&Type::BOOL));
-        let sql = sync_sql();
+    fn the_flat_statement_text_depends_on_the_count_only() {
+        assert_eq!(sync_types(2).len(), 9);
+        let sql = sync_sql(2);
         assert!(
-            sql.ends_with(
-                "CASE WHEN $15 IS NOT NULL THEN pg_catalog.set_config($15, $16, $17) END"
-            ),
+            sql.ends_with("pg_catalog.set_config($5, $6, $9), pg_catalog.set_config($7, $8, $9)"),
             "{sql}"
         );
-        assert_eq!(sql.matches("set_config").count(), 4 + MAX_FLAT);
-    }
-
-    #[test]
-    fn flat_parameters_fill_unused_slots_with_null() {
-        let config = ContextConfig::new(RoleMapping::FirstDataRole, ["hr_employee"]);
-        let context = SecurityContext::builder(EndUserIdentity::named("alice", None), "t")
-            .data_roles(["hr_employee"])
-            .attributes(serde_json::json!({"hr.c": {"a": 1, "b": "x"}}))
-            .build()
-            .unwrap();
-        let mapped = map(&config, &context).unwrap();
-        let text = mapped.flat_text_params(true);
-        assert_eq!(text.len(), sync_types().len());
-        assert_eq!(
-            text[4..8],
-            [Some("hr.c.a"), Some("1"), Some("hr.c.b"), Some("x")]
-        );
-        assert!(text[8..16].iter().all(Option::is_none), "{text:?}");
-        assert_eq!(text[16], Some("true"));
-        assert_eq!(mapped.flat_params(&false).len(), sync_types().len());
+        assert_eq!(sql.matches("set_config").count(), 6);
     }
 }

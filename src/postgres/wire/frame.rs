@@ -159,11 +159,11 @@ pub(crate) fn prepared_statement(out: &mut BytesMut, name: &str) {
 }
 
 /// Bind (unnamed portal) of the prepared statement `name` with these parameters, all in
-/// text format (`None` is `NULL`), + Execute.
+/// text format, + Execute.
 pub(crate) fn bound_statement<'a>(
     out: &mut BytesMut,
     name: &str,
-    params: impl ExactSizeIterator<Item = Option<&'a str>>,
+    params: impl ExactSizeIterator<Item = &'a str>,
 ) {
     frame(out, front::BIND, |b| {
         cstr(b, "");
@@ -171,13 +171,8 @@ pub(crate) fn bound_statement<'a>(
         b.put_i16(0);
         b.put_i16(i16::try_from(params.len()).unwrap_or(i16::MAX));
         for p in params {
-            match p {
-                Some(p) => {
-                    b.put_i32(i32::try_from(p.len()).unwrap_or(i32::MAX));
-                    b.put_slice(p.as_bytes());
-                }
-                None => b.put_i32(-1),
-            }
+            b.put_i32(i32::try_from(p.len()).unwrap_or(i32::MAX));
+            b.put_slice(p.as_bytes());
         }
         b.put_i16(0);
     });

@@ -163,11 +163,11 @@ impl Statements {
     }
 
     /// Appends one statement prepared at connect under `name`, bound to these text
-    /// parameters (`None` is `NULL`).
+    /// parameters.
     pub(crate) fn push_bound<'a>(
         &mut self,
         name: &str,
-        params: impl ExactSizeIterator<Item = Option<&'a str>>,
+        params: impl ExactSizeIterator<Item = &'a str>,
     ) {
         frame::bound_statement(&mut self.bytes, name, params);
         self.count += 1;
