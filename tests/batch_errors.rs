@@ -3,8 +3,8 @@
 //! its caller, and leaves nothing waiting.
 //!
 //! The error is injected with `ctxpool_testkit::sabotage::inject_error_at`, which is
-//! process-wide: this file is a test binary of its own, and its one test runs the cases in
-//! turn.
+//! process-wide: this file is a test binary of its own, and its tests take [`SERIAL`] so
+//! that none runs while another injects.
 
 mod support;
 
@@ -14,6 +14,10 @@ use ctxpool::postgres::{ContextScope, Pool};
 use ctxpool_testkit::sabotage::inject_error_at;
 use ctxpool_testkit::{FlightProxy, PgCluster};
 use support::*;
+
+/// Held by each test for its whole run: the injection switch is process-wide, and the
+/// test harness runs tests on parallel threads.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// SQLSTATE of the injected statement (division by zero).
 const INJECTED: &str = "22012";
@@ -120,6 +124,7 @@ async fn every_position(cluster: &PgCluster, pool: &Pool, label: &str, who: Who)
 
 #[tokio::test]
 async fn an_error_anywhere_in_a_batch_stops_the_statement_and_nothing_waits() {
+    let _serial = SERIAL.lock().await;
     let cluster = hr_cluster();
     cluster
         .psql(
@@ -147,6 +152,7 @@ async fn an_error_anywhere_in_a_batch_stops_the_statement_and_nothing_waits() {
 /// reset.
 #[tokio::test]
 async fn one_sync_per_statement_with_its_context_and_reset() {
+    let _serial = SERIAL.lock().await;
     let cluster = hr_cluster();
     let proxy = FlightProxy::start(addr(&cluster), Duration::ZERO).unwrap();
     let url = format!("postgres://hr_app@127.0.0.1:{}/hr", proxy.port());

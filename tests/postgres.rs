@@ -568,6 +568,8 @@ async fn a_connection_that_lost_its_context_statements_is_discarded() {
     let cluster = hr_cluster();
     let pool = pool(&cluster.url("hr_app", "hr"), ContextScope::Transaction, 1);
     let c = pool.acquire_as(&alice()).await.unwrap();
+    // The first statement prepares alice's context statement on the connection.
+    assert_eq!(names(&c.query(LIST, &[]).await.unwrap()), ["Alan"]);
     c.batch_execute("DEALLOCATE ALL").await.unwrap();
     // The context statement is gone: fail closed, then discard at release.
     let err = c.query(LIST, &[]).await.unwrap_err();

@@ -82,6 +82,8 @@ enum Step {
 enum Ours {
     Text(String),
     Prepared(String),
+    /// Name, text and one text parameter.
+    ParsedBound(String, String, String),
 }
 
 #[derive(Arbitrary, Debug)]
@@ -161,6 +163,7 @@ fn ours(list: &[Ours]) -> Vec<OurStatement> {
         .map(|o| match o {
             Ours::Text(t) => OurStatement::Text(t.clone()),
             Ours::Prepared(n) => OurStatement::Prepared(n.clone()),
+            Ours::ParsedBound(n, t, p) => OurStatement::ParsedBound(n.clone(), t.clone(), p.clone()),
         })
         .collect()
 }

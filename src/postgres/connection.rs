@@ -24,10 +24,12 @@
 //! context; statements inside it need no context statement of their own. The status byte
 //! of ReadyForQuery says when it ended. When the user's request binds a prepared statement
 //! (its first frame is a Bind), the whole batch rides on that request: the wire layer
-//! binds the context statement itself, in text format, and writes it with the reset in
-//! front of the request; other requests (`query_typed`, simple queries, `BEGIN`) carry the
-//! batch on a context statement sent through tokio-postgres, merged with them under one
-//! Sync. In session scope the context statement
+//! binds the context statement for the context's attribute count itself, in text format,
+//! and writes it with the reset in front of the request; the first batch of a count on a
+//! connection prepares that statement in the same flight (a Parse before its Bind), so
+//! that a session holds only the counts it used. Other requests (`query_typed`, simple
+//! queries, `BEGIN`) carry the batch on the context statement for any count, prepared at
+//! connect and sent through tokio-postgres, merged with them under one Sync. In session scope the context statement
 //! (`set_config(…, false)`) joins the reset's transaction block, and the context counts as
 //! applied only once the server answered the block's `COMMIT`.
 
@@ -94,11 +96,24 @@ struct Named {
     name: String,
 }
 
-/// The statements the pool prepares on each connection at connect, in one flight.
+/// The context statement for one attribute count up to [`MAX_FLAT`]: not prepared at
+/// connect but by the first batch that needs it, in that batch (a Parse before its Bind),
+/// since every statement a session holds is one more row for each reset's scan of
+/// `pg_prepared_statements` to build, and a connection seldom needs more than one count.
+struct FlatStatement {
+    sql: String,
+    /// The parameter type OIDs.
+    types: Vec<u32>,
+}
+
+/// The statements the pool prepares on each connection at connect, in one flight, and the
+/// texts of those it prepares on first use.
 pub(crate) struct PoolStatements {
-    /// The context statement for each attribute count up to [`MAX_FLAT`].
-    flat: Vec<Named>,
-    /// The context statement for any attribute count.
+    /// The context statement for each attribute count up to [`MAX_FLAT`], for batches the
+    /// layer binds itself.
+    flat: Vec<FlatStatement>,
+    /// The context statement for any attribute count; the one sent through tokio-postgres
+    /// as a carrier.
     any: Named,
     /// `BEGIN`.
     begin: Named,
@@ -112,30 +127,27 @@ impl PoolStatements {
     /// Prepares them, learning their names from the wire. `None` when a name could not be
     /// learnt (the statements are then sent unnamed).
     pub(crate) async fn prepare(client: &Client, wire: &WireHandle) -> Result<Option<Self>, Error> {
-        let sqls: Vec<String> = (0..=MAX_FLAT).map(mapping::sync_sql).collect();
+        let flat = (0..=MAX_FLAT)
+            .map(|n| FlatStatement {
+                sql: mapping::sync_sql(n),
+                types: mapping::sync_types(n).iter().map(Type::oid).collect(),
+            })
+            .collect();
         let reset_sqls: Vec<&str> = RESET.iter().copied().chain([CHECK_SQL_PREPARED]).collect();
-        let mut texts = sqls.clone();
-        texts.push(SYNC_ANY_SQL.to_owned());
+        let mut texts = vec![SYNC_ANY_SQL.to_owned()];
         texts.push("BEGIN".to_owned());
         texts.push("COMMIT".to_owned());
         texts.extend(reset_sqls.iter().map(|s| (*s).to_owned()));
         wire.learn_names(texts);
-        let types: Vec<Vec<Type>> = (0..=MAX_FLAT).map(mapping::sync_types).collect();
-        let flat = futures_util::future::try_join_all(
-            sqls.iter()
-                .zip(&types)
-                .map(|(sql, t)| client.prepare_typed(sql, t)),
-        );
         let any = client.prepare_typed(SYNC_ANY_SQL, &mapping::SYNC_ANY_TYPES);
         let begin = client.prepare("BEGIN");
         let commit = client.prepare("COMMIT");
         let reset =
             futures_util::future::try_join_all(reset_sqls.iter().map(|sql| client.prepare(sql)));
-        let ((flat, any), (begin, (commit, reset))) =
-            join(join(flat, any), join(begin, join(commit, reset))).await;
+        let (any, (begin, (commit, reset))) = join(any, join(begin, join(commit, reset))).await;
         let names = wire.learned_names();
-        let (flat, any, begin, commit, reset) = (flat?, any?, begin?, commit?, reset?);
-        let mut statements = flat.into_iter().chain([any, begin, commit]).chain(reset);
+        let (any, begin, commit, reset) = (any?, begin?, commit?, reset?);
+        let mut statements = [any, begin, commit].into_iter().chain(reset);
         let mut named = names.into_iter().map(|name| {
             let statement = statements.next()?;
             Some(Named {
@@ -143,13 +155,6 @@ impl PoolStatements {
                 name: name?,
             })
         });
-        let mut flat = Vec::with_capacity(MAX_FLAT + 1);
-        for _ in 0..=MAX_FLAT {
-            match named.next().flatten() {
-                Some(n) => flat.push(n),
-                None => return Ok(None),
-            }
-        }
         let (Some(Some(any)), Some(Some(begin)), Some(Some(commit))) =
             (named.next(), named.next(), named.next())
         else {
@@ -182,6 +187,23 @@ struct State {
     in_transaction: Option<Arc<Mapped>>,
     /// The next reset deallocates SQL-level prepared statements.
     deallocate: bool,
+    /// Per attribute count: whether the server holds the flat context statement, and the
+    /// generation of its name. A batch that parsed it but was not confirmed may or may not
+    /// have left it behind, so the next parse uses a new name.
+    flat: [FlatState; MAX_FLAT + 1],
+}
+
+/// Whether one flat context statement is prepared on the server, and under which name.
+#[derive(Default, Clone, Copy)]
+struct FlatState {
+    prepared: bool,
+    generation: u32,
+}
+
+impl FlatState {
+    fn name(self, count: usize) -> String {
+        format!("ctxpool_context_{count}_{}", self.generation)
+    }
 }
 
 /// The pool's own request that carries a batch.
@@ -213,6 +235,9 @@ pub(crate) struct BatchPlan {
     /// The carrier's statement went into `before`, bound by the layer, and the user's own
     /// request is the anchor: the pool sends no request of its own through tokio-postgres.
     pub(crate) leading: bool,
+    /// The batch prepares the flat context statement of this attribute count, under this
+    /// generation of its name.
+    prepares_flat: Option<(usize, u32)>,
 }
 
 impl BatchPlan {
@@ -244,8 +269,11 @@ enum Step<'a> {
     Prepared(&'a str),
     /// Sent as text, parsed unnamed.
     Text(&'a str),
-    /// Prepared at connect under this name, bound to these text parameters.
-    Bound(&'a str, Vec<&'a str>),
+    /// Prepared under this name, bound to these text parameters.
+    Bound(String, Vec<&'a str>),
+    /// Prepared here under this name from this text and these parameter type OIDs, then
+    /// bound to these text parameters.
+    ParsedBound(String, &'a str, &'a [u32], Vec<&'a str>),
 }
 
 type Steps<'a> = Vec<Step<'a>>;
@@ -258,6 +286,9 @@ fn statements(steps: &[Step<'_>]) -> Statements {
             Step::Prepared(name) => out.push_prepared(name),
             Step::Text(sql) => out.push(sql),
             Step::Bound(name, params) => out.push_bound(name, params.iter().copied()),
+            Step::ParsedBound(name, sql, types, params) => {
+                out.push_parsed_bound(name, sql, types, params.iter().copied());
+            }
         }
     }
     out
@@ -380,12 +411,22 @@ impl Session {
         // The batch can ride on the user's own request when it binds a prepared statement,
         // the pool's statements are prepared, and the context statement has the flat form
         // (the layer binds its parameters as text).
+        let mut prepares_flat = None;
         let carrier_step = match (binds && begin.is_none(), &self.statements, &context) {
-            (true, Some(s), Some((mapped, local))) if mapped.attribute_count() <= MAX_FLAT => {
-                Some(Step::Bound(
-                    &s.context_statement(mapped).name,
-                    mapped.flat_text_params(*local),
-                ))
+            (true, Some(s), Some((mapped, local))) => {
+                let count = mapped.attribute_count();
+                match (s.flat.get(count), st.flat.get(count).copied()) {
+                    (Some(flat), Some(state)) => {
+                        let params = mapped.flat_text_params(*local);
+                        Some(if state.prepared {
+                            Step::Bound(state.name(count), params)
+                        } else {
+                            prepares_flat = Some((count, state.generation));
+                            Step::ParsedBound(state.name(count), &flat.sql, &flat.types, params)
+                        })
+                    }
+                    _ => None,
+                }
             }
             (true, Some(s), None) => Some(Step::Prepared(&s.commit.name)),
             _ => None,
@@ -415,6 +456,7 @@ impl Session {
             resets,
             applies,
             leading,
+            prepares_flat,
         })
     }
 
@@ -573,9 +615,7 @@ impl Session {
 
     fn anchor(&self, carrier: &Carrier) -> Anchor {
         match (&self.statements, carrier) {
-            (Some(s), Carrier::Context { mapped, .. }) => {
-                Anchor::Named(s.context_statement(mapped).name.clone())
-            }
+            (Some(s), Carrier::Context { .. }) => Anchor::Named(s.any.name.clone()),
             (Some(s), Carrier::Commit) => Anchor::Named(s.commit.name.clone()),
             (None, Carrier::Context { .. }) => Anchor::Unnamed(SYNC_ANY_SQL),
             (None, Carrier::Commit) => Anchor::Unnamed(COMMIT_ANCHOR_SQL),
@@ -593,14 +633,9 @@ impl Session {
         match (&self.statements, carrier) {
             (Some(s), Carrier::Context { mapped, local }) => {
                 let local = if *local { &LOCAL } else { &SESSION };
-                let statement = &s.context_statement(mapped).statement;
-                if mapped.attribute_count() <= MAX_FLAT {
-                    client
-                        .execute(statement, &mapped.flat_params(local))
-                        .await?;
-                } else {
-                    client.execute(statement, &mapped.any_params(local)).await?;
-                }
+                client
+                    .execute(&s.any.statement, &mapped.any_params(local))
+                    .await?;
             }
             (Some(s), Carrier::Commit) => {
                 client.execute(&s.commit.statement, &[]).await?;
@@ -626,6 +661,17 @@ impl Session {
         let mut st = self.state.lock();
         if let Plan::Batch(p) = plan {
             let (before_done, carrier_done, after_done) = p.outcome(carrier_ok);
+            if let Some((count, generation)) = p.prepares_flat {
+                if let Some(flat) = st.flat.get_mut(count) {
+                    if flat.generation == generation {
+                        if before_done {
+                            flat.prepared = true;
+                        } else {
+                            flat.generation = generation.wrapping_add(1);
+                        }
+                    }
+                }
+            }
             // Where the reset's COMMIT went: before a transaction-local context, as the
             // carrier, or after a session-wide context (in the same transaction block).
             let reset_done = match p.carrier {
@@ -713,11 +759,5 @@ impl Session {
     /// Arms the reset (after a recycle query that may have changed the session).
     pub(crate) fn arm_reset(&self) {
         self.state.lock().reset_armed = true;
-    }
-}
-
-impl PoolStatements {
-    fn context_statement(&self, mapped: &Mapped) -> &Named {
-        self.flat.get(mapped.attribute_count()).unwrap_or(&self.any)
     }
 }

@@ -20,6 +20,9 @@ pub enum OurStatement {
     Text(String),
     /// Prepared at connect under this name.
     Prepared(String),
+    /// Prepared in the batch under this name from this text (one `text` parameter), then
+    /// bound to this value.
+    ParsedBound(String, String, String),
 }
 
 /// A batch to arm.
@@ -79,6 +82,9 @@ impl WireFrames {
                 match st {
                     OurStatement::Text(sql) => s.push(sql),
                     OurStatement::Prepared(name) => s.push_prepared(name),
+                    OurStatement::ParsedBound(name, sql, param) => {
+                        s.push_parsed_bound(name, sql, &[25], std::iter::once(param.as_str()));
+                    }
                 }
             }
             s

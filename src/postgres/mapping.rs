@@ -289,14 +289,6 @@ impl Mapped {
         )
     }
 
-    /// The parameters of [`sync_sql`] for this context's attribute count.
-    pub(crate) fn flat_params(&self, local: &'static bool) -> Vec<&(dyn ToSql + Sync)> {
-        self.flat_values()
-            .map(|v| v as &(dyn ToSql + Sync))
-            .chain(std::iter::once(local as &(dyn ToSql + Sync)))
-            .collect()
-    }
-
     /// The parameters of [`sync_sql`] in text format, for a statement the wire layer binds
     /// itself (`local` last, as `true` or `false`).
     pub(crate) fn flat_text_params(&self, local: bool) -> Vec<&str> {

@@ -141,6 +141,27 @@ pub(crate) fn statement(out: &mut BytesMut, sql: &str) {
     });
 }
 
+/// Parse of the named statement `name` with these parameter type OIDs, + Bind (unnamed
+/// portal) with these text parameters + Execute: a statement of ours prepared on its first
+/// use, whose replies are ParseComplete, BindComplete, any rows and one completion.
+pub(crate) fn parsed_bound_statement<'a>(
+    out: &mut BytesMut,
+    name: &str,
+    sql: &str,
+    types: &[u32],
+    params: impl ExactSizeIterator<Item = &'a str>,
+) {
+    frame(out, b'P', |b| {
+        cstr(b, name);
+        cstr(b, sql);
+        b.put_i16(i16::try_from(types.len()).unwrap_or(i16::MAX));
+        for oid in types {
+            b.put_u32(*oid);
+        }
+    });
+    bound_statement(out, name, params);
+}
+
 /// Bind (unnamed portal, no parameters) of the prepared statement `name` + Execute: a
 /// statement of ours prepared at connect, whose replies are BindComplete, any rows and
 /// one completion.

@@ -162,6 +162,19 @@ impl Statements {
         self.count += 1;
     }
 
+    /// Appends one statement prepared here under `name` (with these parameter type OIDs),
+    /// bound to these text parameters: the statement's first use on the connection.
+    pub(crate) fn push_parsed_bound<'a>(
+        &mut self,
+        name: &str,
+        sql: &str,
+        types: &[u32],
+        params: impl ExactSizeIterator<Item = &'a str>,
+    ) {
+        frame::parsed_bound_statement(&mut self.bytes, name, sql, types, params);
+        self.count += 1;
+    }
+
     /// Appends one statement prepared at connect under `name`, bound to these text
     /// parameters.
     pub(crate) fn push_bound<'a>(

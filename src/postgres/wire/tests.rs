@@ -80,10 +80,18 @@ mod fe {
     }
 
     pub(super) fn parse(name: &str, sql: &str) -> Vec<u8> {
+        parse_typed(name, sql, &[])
+    }
+
+    /// A Parse declaring these parameter type OIDs.
+    pub(super) fn parse_typed(name: &str, sql: &str, types: &[u32]) -> Vec<u8> {
         let mut body = Vec::new();
         cstr(&mut body, name);
         cstr(&mut body, sql);
-        body.extend_from_slice(&0i16.to_be_bytes());
+        body.extend_from_slice(&i16::try_from(types.len()).unwrap().to_be_bytes());
+        for oid in types {
+            body.extend_from_slice(&oid.to_be_bytes());
+        }
         typed(b'P', &body)
     }
 
@@ -893,12 +901,24 @@ enum Fail {
 #[derive(Debug, Clone)]
 struct Ours {
     sql: &'static str,
-    /// Prepared at connect under this name (`Statements::push_prepared`): Bind and
-    /// Execute only.
-    prepared: Option<&'static str>,
+    /// How the layer writes it.
+    prepared: Form,
     rows: usize,
     notice: bool,
     param: bool,
+}
+
+/// How a statement of the pool's own is written.
+#[derive(Debug, Clone, Copy)]
+enum Form {
+    /// Parsed unnamed (`Statements::push`).
+    Unnamed,
+    /// Prepared at connect under this name (`Statements::push_prepared`): Bind and
+    /// Execute only.
+    Prepared(&'static str),
+    /// Prepared under this name in the batch itself, then bound to one text parameter
+    /// (`Statements::push_parsed_bound`): the first use of a context statement.
+    ParsedNamed(&'static str),
 }
 
 /// Names of the pool's statements prepared at connect.
@@ -907,16 +927,25 @@ const OUR_NAMES: [&str; 3] = ["ctxpool_r0", "ctxpool_r1", "ctxpool_r2"];
 impl Ours {
     fn push_to(&self, statements: &mut Statements) {
         match self.prepared {
-            Some(name) => statements.push_prepared(name),
-            None => statements.push(self.sql),
+            Form::Prepared(name) => statements.push_prepared(name),
+            Form::Unnamed => statements.push(self.sql),
+            Form::ParsedNamed(name) => {
+                statements.push_parsed_bound(name, self.sql, &[25], ["a text"].into_iter());
+            }
         }
     }
 
     /// The statement as the layer writes it.
     fn front(&self) -> Vec<u8> {
         match self.prepared {
-            Some(name) => [fe::bind("", name, &[]), fe::execute("")].concat(),
-            None => fe::ours(self.sql),
+            Form::Prepared(name) => [fe::bind("", name, &[]), fe::execute("")].concat(),
+            Form::Unnamed => fe::ours(self.sql),
+            Form::ParsedNamed(name) => [
+                fe::parse_typed(name, self.sql, &[25]),
+                fe::bind("", name, &[b"a text"]),
+                fe::execute(""),
+            ]
+            .concat(),
         }
     }
 }
@@ -931,14 +960,18 @@ const OUR_SQL: [&str; 4] = [
 fn ours() -> impl Strategy<Value = Ours> {
     (
         0..OUR_SQL.len(),
-        prop::option::of(0..OUR_NAMES.len()),
+        prop::option::of((0..OUR_NAMES.len(), any::<bool>())),
         0usize..3,
         any::<bool>(),
         any::<bool>(),
     )
         .prop_map(|(i, prepared, rows, notice, param)| Ours {
             sql: OUR_SQL[i],
-            prepared: prepared.map(|n| OUR_NAMES[n]),
+            prepared: match prepared {
+                None => Form::Unnamed,
+                Some((n, false)) => Form::Prepared(OUR_NAMES[n]),
+                Some((n, true)) => Form::ParsedNamed(OUR_NAMES[n]),
+            },
             rows,
             notice,
             param,
@@ -1153,8 +1186,10 @@ impl BatchCase {
     /// the server's bytes, and what of them tokio-postgres sees.
     fn our_back(&self, s: &Ours, failed: bool) -> (Vec<u8>, Vec<u8>) {
         let mut head = match s.prepared {
-            Some(_) => vec![be::bind_complete()],
-            None => vec![be::parse_complete(), be::bind_complete()],
+            Form::Prepared(_) => vec![be::bind_complete()],
+            Form::Unnamed | Form::ParsedNamed(_) => {
+                vec![be::parse_complete(), be::bind_complete()]
+            }
         };
         if failed {
             head.truncate(self.fail_at);
@@ -1446,7 +1481,7 @@ proptest! {
 fn basic(fail: Fail, follower: Follower, word: Word) -> BatchCase {
     let stmt = |sql| Ours {
         sql,
-        prepared: None,
+        prepared: Form::Unnamed,
         rows: 0,
         notice: false,
         param: false,
