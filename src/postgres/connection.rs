@@ -121,9 +121,22 @@ pub(crate) struct PoolStatements {
     commit: Named,
     /// [`RESET`] and [`CHECK_SQL_PREPARED`], in this order.
     reset: Vec<Named>,
+    /// The reset up to its `COMMIT` (the check, `BEGIN`, [`RESET`]), encoded once: the
+    /// same frames open every batch that resets.
+    reset_frames: Statements,
 }
 
 impl PoolStatements {
+    /// The reset up to its `COMMIT`, one step per statement: the check, `BEGIN`, [`RESET`].
+    fn reset_steps(&self) -> impl Iterator<Item = Step<'_>> {
+        let (block, check) = self.reset.split_at(RESET.len());
+        check
+            .iter()
+            .chain([&self.begin])
+            .chain(block)
+            .map(|named| Step::Prepared(&named.name))
+    }
+
     /// Prepares them, learning their names from the wire. `None` when a name could not be
     /// learnt (the statements are then sent unnamed).
     pub(crate) async fn prepare(client: &Client, wire: &WireHandle) -> Result<Option<Self>, Error> {
@@ -164,13 +177,16 @@ impl PoolStatements {
         let Some(reset) = reset.filter(|r| r.len() == RESET.len() + 1) else {
             return Ok(None);
         };
-        Ok(Some(Self {
+        let mut statements = Self {
             flat,
             any,
             begin,
             commit,
             reset,
-        }))
+            reset_frames: Statements::default(),
+        };
+        statements.reset_frames = self::statements(&statements.reset_steps().collect::<Vec<_>>());
+        Ok(Some(statements))
     }
 }
 
@@ -271,6 +287,8 @@ enum Step<'a> {
     Text(&'a str),
     /// Prepared under this name, bound to these text parameters.
     Bound(String, Vec<&'a str>),
+    /// Statements encoded once.
+    Encoded(&'a Statements),
     /// Prepared here under this name from this text and these parameter type OIDs, then
     /// bound to these text parameters.
     ParsedBound(String, &'a str, &'a [u32], Vec<&'a str>),
@@ -286,12 +304,24 @@ fn statements(steps: &[Step<'_>]) -> Statements {
             Step::Prepared(name) => out.push_prepared(name),
             Step::Text(sql) => out.push(sql),
             Step::Bound(name, params) => out.push_bound(name, params.iter().copied()),
+            Step::Encoded(statements) => out.push_all(statements),
             Step::ParsedBound(name, sql, types, params) => {
                 out.push_parsed_bound(name, sql, types, params.iter().copied());
             }
         }
     }
     out
+}
+
+/// Test builds injecting an error: the reset as one step per statement, so that the error
+/// can go between any two of them (the bytes are the same, see `reset_frames`).
+#[cfg(feature = "sabotage")]
+fn one_step_each() -> bool {
+    crate::sabotage::injected_error_position().is_some()
+}
+#[cfg(not(feature = "sabotage"))]
+fn one_step_each() -> bool {
+    false
 }
 
 /// Test builds: a failing statement at the position the sabotage switch names, counted
@@ -578,15 +608,14 @@ impl Session {
     fn push_reset<'s>(&'s self, into: &mut Steps<'s>, deallocate: bool) {
         match &self.statements {
             Some(s) => {
-                let (reset, rest) = s.reset.split_at(RESET.len());
                 if deallocate {
                     into.push(Step::Text(DEALLOCATE_SQL_PREPARED));
                 }
-                if let Some(check) = rest.first() {
-                    into.push(Step::Prepared(&check.name));
+                if one_step_each() {
+                    into.extend(s.reset_steps());
+                } else {
+                    into.push(Step::Encoded(&s.reset_frames));
                 }
-                into.push(Step::Prepared(&s.begin.name));
-                into.extend(reset.iter().map(|r| Step::Prepared(&r.name)));
             }
             None => {
                 if deallocate {

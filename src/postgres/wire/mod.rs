@@ -156,6 +156,12 @@ impl Statements {
         self.count += 1;
     }
 
+    /// Appends statements built before (the same ones in every batch, encoded once).
+    pub(crate) fn push_all(&mut self, other: &Statements) {
+        self.bytes.extend_from_slice(&other.bytes);
+        self.count += other.count;
+    }
+
     /// Appends one statement prepared at connect under `name`: no parse on the server.
     pub(crate) fn push_prepared(&mut self, name: &str) {
         frame::prepared_statement(&mut self.bytes, name);
