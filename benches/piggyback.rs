@@ -160,11 +160,11 @@ const NAIVE_SET_SQL: &str = "SELECT set_config('role', $1, false), \
 const NAIVE_RESET_SQL: &str = "RESET ROLE; RESET ctxpool.end_user; RESET ctxpool.data_roles; \
      RESET ctxpool.attributes; RESET \"hr.hcm_context.emp_id\"; RESET \"hr.hcm_context.org_id\"";
 
-/// ctxpool's session reset, one prepared statement each: its check (session authorization,
-/// role, advisory locks, SQL prepared statements), then the rest in a transaction block.
+/// ctxpool's session reset on a direct connection whose session authorization is
+/// unchanged, one prepared statement each: its check (role, advisory locks, SQL prepared
+/// statements), then the rest in a transaction block.
 const RESET_SQL: [&str; 8] = [
-    "SELECT pg_catalog.set_config('session_authorization', NULL, false), \
-     pg_catalog.set_config('role', NULL, false), pg_catalog.pg_advisory_unlock_all(), \
+    "SELECT pg_catalog.set_config('role', NULL, false), pg_catalog.pg_advisory_unlock_all(), \
      (SELECT ('dirty' || pg_catalog.left(name, 0))::int \
      FROM pg_catalog.pg_prepared_statements WHERE from_sql LIMIT 1)",
     "BEGIN",

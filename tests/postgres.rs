@@ -335,6 +335,43 @@ async fn contexts_of_every_attribute_count_apply_exactly_their_attributes() {
     }
 }
 
+/// Only a superuser login can change its session authorization (the pool's login should not
+/// be one; this is where the reset of it matters): whatever a checkout sets it to, by
+/// command or by function, in either scope, the next checkout runs as the login again.
+#[tokio::test]
+async fn session_authorization_does_not_survive_release() {
+    const WHO: &str = "SELECT session_user::text, current_user::text";
+    let cluster = hr_cluster();
+    let login = cluster.superuser();
+    for scope in SCOPES {
+        let pool = pool(&cluster.url(login, "hr"), scope, 1);
+        for how in [
+            "SET SESSION AUTHORIZATION hr_app",
+            "SELECT pg_catalog.set_config('session_authorization', 'hr_app', false)",
+        ] {
+            let a = pool.get().await.unwrap();
+            a.batch_execute(how).await.unwrap();
+            let row = a.query_one(WHO, &[]).await.unwrap();
+            let changed: (String, String) = (row.get(0), row.get(1));
+            assert_eq!(
+                changed,
+                ("hr_app".to_owned(), "hr_app".to_owned()),
+                "{scope:?}: {how}"
+            );
+            drop(a);
+
+            let b = pool.get().await.unwrap();
+            let row = b.query_one(WHO, &[]).await.unwrap();
+            let after: (String, String) = (row.get(0), row.get(1));
+            assert_eq!(
+                after,
+                (login.to_owned(), login.to_owned()),
+                "{scope:?}: after {how}"
+            );
+        }
+    }
+}
+
 #[tokio::test]
 async fn session_scope_affinity_sends_nothing_for_the_same_context() {
     let cluster = hr_cluster();

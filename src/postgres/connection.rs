@@ -8,7 +8,8 @@
 //! every setting (custom ones too), cursors, listeners, advisory locks, temporary objects,
 //! sequence state, SQL-level prepared statements. It travels in the next checkout's first
 //! flight, under the same Sync as that statement: a check (which also resets the
-//! authorization and the role and releases advisory locks), then the rest inside a
+//! role and releases advisory locks; the session authorization is reset before it when
+//! the server reported it changed, or behind a pooler), then the rest inside a
 //! transaction block of the pool's, committed before the context and the statement run,
 //! so it is durable whatever becomes of them. It counts as done when the server answered
 //! that `COMMIT`; until then it stays armed and goes again. If any of it fails, the server
@@ -65,16 +66,23 @@ const DEALLOCATE_SQL_PREPARED: &str = "DO $ctxpool$ DECLARE s record; BEGIN \
      FOR s IN SELECT name FROM pg_catalog.pg_prepared_statements WHERE from_sql LOOP \
      EXECUTE pg_catalog.format('DEALLOCATE %I', s.name); END LOOP; END $ctxpool$";
 
-/// The reset's first statement, before its `BEGIN`: returns session authorization and
-/// role to the login's (a `NULL` value to `set_config` resets the setting, as `RESET`
-/// does), releases session-level advisory locks, and fails when SQL-level prepared
+/// Returns session authorization to the login's (a `NULL` value to `set_config` resets the
+/// setting, as `RESET` does). Sent before [`CHECK_SQL_PREPARED`] only when it can matter:
+/// the server reports every change of `session_authorization` (ParameterStatus), so on a
+/// direct connection whose reported value is still the one of the connection's start the
+/// statement would change nothing. Behind a pooler, whose reports may not be the server's,
+/// it is always sent.
+const AUTHORIZATION_RESET_SQL: &str =
+    "SELECT pg_catalog.set_config('session_authorization', NULL, false)";
+
+/// The reset's first statement, before its `BEGIN` (after [`AUTHORIZATION_RESET_SQL`] when
+/// that is sent): returns the role to the login's, releases session-level advisory locks, and fails when SQL-level prepared
 /// statements remain, for those made where no command tag shows it (inside a function);
 /// the next reset then deallocates them. It comes before the `BEGIN` so that its refusal
 /// ends in the implicit transaction, rolled back at the Sync, rather than in an aborted
 /// transaction block. The failing cast depends on a row, so the planner cannot fold it
 /// away.
 const CHECK_SQL_PREPARED: &str = "SELECT \
-     pg_catalog.set_config('session_authorization', NULL, false), \
      pg_catalog.set_config('role', NULL, false), \
      pg_catalog.pg_advisory_unlock_all(), \
      (SELECT ('ctxpool: the session holds SQL prepared statements of an earlier checkout' \
@@ -375,6 +383,8 @@ pub(crate) struct Session {
     statements: Option<PoolStatements>,
     /// What sits between the pool and the server.
     routing: Routing,
+    /// `session_authorization` as the server reported it when the connection started.
+    login_authorization: Option<String>,
     state: Mutex<State>,
 }
 
@@ -385,11 +395,13 @@ impl Session {
         statements: Option<PoolStatements>,
         routing: Routing,
     ) -> Self {
+        let login_authorization = wire.parameter("session_authorization");
         Self {
             wire,
             config,
             statements,
             routing,
+            login_authorization,
             state: Mutex::new(State::default()),
         }
     }
@@ -606,6 +618,9 @@ impl Session {
     /// The reset's statements up to its `COMMIT` (which the caller places), prepared ones
     /// where the connection has them.
     fn push_reset<'s>(&'s self, into: &mut Steps<'s>, deallocate: bool) {
+        if self.authorization_may_have_changed() {
+            into.push(Step::Text(AUTHORIZATION_RESET_SQL));
+        }
         match &self.statements {
             Some(s) => {
                 if deallocate {
@@ -626,6 +641,14 @@ impl Session {
                 into.extend(RESET.iter().map(|sql| Step::Text(sql)));
             }
         }
+    }
+
+    /// Whether the session's authorization may differ from the login's: not known on a
+    /// direct connection (no report at start), reported changed, or behind a pooler.
+    fn authorization_may_have_changed(&self) -> bool {
+        self.routing != Routing::Direct
+            || self.login_authorization.is_none()
+            || self.wire.parameter("session_authorization") != self.login_authorization
     }
 
     fn push_begin<'s>(&'s self, into: &mut Steps<'s>) {
