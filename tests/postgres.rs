@@ -193,6 +193,51 @@ async fn a_context_that_cannot_be_applied_never_runs_the_statement() {
     }
 }
 
+/// A batch prepares a context statement on its first use; when the batch fails after the
+/// statement was parsed (the role is refused when it is bound), the next batch prepares it
+/// again from nothing: the failures leave one statement behind, not one each, and the
+/// next context applies.
+#[tokio::test]
+async fn failed_first_uses_of_a_context_statement_leave_no_statements_behind() {
+    const PID: &str = "SELECT pg_catalog.pg_backend_pid()";
+    const HELD: &str = "SELECT pg_catalog.count(*) FROM pg_catalog.pg_prepared_statements \
+         WHERE name LIKE 'ctxpool\\_context\\_%'";
+    let cluster = hr_cluster();
+    let pool = pool(&cluster.url("hr_app", "hr"), ContextScope::Transaction, 1);
+    let warm = pool.get().await.unwrap();
+    let pid: i32 = warm.query_one(PID, &[]).await.unwrap().get(0);
+    let who = warm
+        .prepare_cached("SELECT current_user::text")
+        .await
+        .unwrap();
+    drop(warm);
+    // carol's data role is allowed by the pool but not granted to hr_app; she and erin
+    // both have no attributes, so they use the same context statement.
+    for attempt in 0..3 {
+        let c = pool.acquire_as(&carol_auditor()).await.unwrap();
+        let err = c.query(&who, &[]).await.unwrap_err();
+        assert_eq!(
+            err.code().map(|c| c.code()),
+            Some("42501"),
+            "attempt {attempt}: {err}"
+        );
+    }
+    let erin = SecurityContext::builder(EndUserIdentity::named("erin", None), "db-token")
+        .data_roles(["hr_employee"])
+        .build()
+        .unwrap();
+    let c = pool.acquire_as(&erin).await.unwrap();
+    let current: String = c.query_one(&who, &[]).await.unwrap().get(0);
+    assert_eq!(current, "hr_employee");
+    assert_eq!(
+        c.query_one(PID, &[]).await.unwrap().get::<_, i32>(0),
+        pid,
+        "the same connection"
+    );
+    let held: i64 = c.query_one(HELD, &[]).await.unwrap().get(0);
+    assert_eq!(held, 1, "context statements the session holds");
+}
+
 #[tokio::test]
 async fn roles_outside_the_allow_list_are_refused_before_any_sql() {
     let cluster = hr_cluster();

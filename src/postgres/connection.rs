@@ -30,9 +30,10 @@
 //! connection prepares that statement in the same flight (a Parse before its Bind), so
 //! that a session holds only the counts it used. Other requests (`query_typed`, simple
 //! queries, `BEGIN`) carry the batch on the context statement for any count, prepared at
-//! connect and sent through tokio-postgres, merged with them under one Sync. In session scope the context statement
-//! (`set_config(…, false)`) joins the reset's transaction block, and the context counts as
-//! applied only once the server answered the block's `COMMIT`.
+//! connect and sent through tokio-postgres, merged with them under one Sync. In session
+//! scope the context statement (`set_config(…, false)`) joins the reset's transaction
+//! block, and the context counts as applied only once the server answered the block's
+//! `COMMIT`.
 
 use std::sync::Arc;
 
@@ -76,8 +77,9 @@ const AUTHORIZATION_RESET_SQL: &str =
     "SELECT pg_catalog.set_config('session_authorization', NULL, false)";
 
 /// The reset's first statement, before its `BEGIN` (after [`AUTHORIZATION_RESET_SQL`] when
-/// that is sent): returns the role to the login's, releases session-level advisory locks, and fails when SQL-level prepared
-/// statements remain, for those made where no command tag shows it (inside a function);
+/// that is sent): returns the role to the login's, releases session-level advisory locks,
+/// and fails when SQL-level prepared statements remain, for those made where no command
+/// tag shows it (inside a function);
 /// the next reset then deallocates them. It comes before the `BEGIN` so that its refusal
 /// ends in the implicit transaction, rolled back at the Sync, rather than in an aborted
 /// transaction block. The failing cast depends on a row, so the planner cannot fold it
@@ -109,6 +111,8 @@ struct Named {
 /// since every statement a session holds is one more row for each reset's scan of
 /// `pg_prepared_statements` to build, and a connection seldom needs more than one count.
 struct FlatStatement {
+    /// The name the layer prepares it under.
+    name: String,
     sql: String,
     /// The parameter type OIDs.
     types: Vec<u32>,
@@ -150,6 +154,7 @@ impl PoolStatements {
     pub(crate) async fn prepare(client: &Client, wire: &WireHandle) -> Result<Option<Self>, Error> {
         let flat = (0..=MAX_FLAT)
             .map(|n| FlatStatement {
+                name: format!("ctxpool_context_{n}"),
                 sql: mapping::sync_sql(n),
                 types: mapping::sync_types(n).iter().map(Type::oid).collect(),
             })
@@ -211,23 +216,9 @@ struct State {
     in_transaction: Option<Arc<Mapped>>,
     /// The next reset deallocates SQL-level prepared statements.
     deallocate: bool,
-    /// Per attribute count: whether the server holds the flat context statement, and the
-    /// generation of its name. A batch that parsed it but was not confirmed may or may not
-    /// have left it behind, so the next parse uses a new name.
-    flat: [FlatState; MAX_FLAT + 1],
-}
-
-/// Whether one flat context statement is prepared on the server, and under which name.
-#[derive(Default, Clone, Copy)]
-struct FlatState {
-    prepared: bool,
-    generation: u32,
-}
-
-impl FlatState {
-    fn name(self, count: usize) -> String {
-        format!("ctxpool_context_{count}_{}", self.generation)
-    }
+    /// Per attribute count: whether the server holds the flat context statement (a batch
+    /// that prepared it was confirmed).
+    flat_prepared: [bool; MAX_FLAT + 1],
 }
 
 /// The pool's own request that carries a batch.
@@ -259,9 +250,8 @@ pub(crate) struct BatchPlan {
     /// The carrier's statement went into `before`, bound by the layer, and the user's own
     /// request is the anchor: the pool sends no request of its own through tokio-postgres.
     pub(crate) leading: bool,
-    /// The batch prepares the flat context statement of this attribute count, under this
-    /// generation of its name.
-    prepares_flat: Option<(usize, u32)>,
+    /// The batch prepares the flat context statement of this attribute count.
+    prepares_flat: Option<usize>,
 }
 
 impl BatchPlan {
@@ -294,12 +284,12 @@ enum Step<'a> {
     /// Sent as text, parsed unnamed.
     Text(&'a str),
     /// Prepared under this name, bound to these text parameters.
-    Bound(String, Vec<&'a str>),
+    Bound(&'a str, Vec<&'a str>),
     /// Statements encoded once.
     Encoded(&'a Statements),
-    /// Prepared here under this name from this text and these parameter type OIDs, then
-    /// bound to these text parameters.
-    ParsedBound(String, &'a str, &'a [u32], Vec<&'a str>),
+    /// Closed and prepared here under this name from this text and these parameter type
+    /// OIDs, then bound to these text parameters.
+    ParsedBound(&'a str, &'a str, &'a [u32], Vec<&'a str>),
 }
 
 type Steps<'a> = Vec<Step<'a>>;
@@ -457,14 +447,14 @@ impl Session {
         let carrier_step = match (binds && begin.is_none(), &self.statements, &context) {
             (true, Some(s), Some((mapped, local))) => {
                 let count = mapped.attribute_count();
-                match (s.flat.get(count), st.flat.get(count).copied()) {
-                    (Some(flat), Some(state)) => {
+                match (s.flat.get(count), st.flat_prepared.get(count)) {
+                    (Some(flat), Some(&prepared)) => {
                         let params = mapped.flat_text_params(*local);
-                        Some(if state.prepared {
-                            Step::Bound(state.name(count), params)
+                        Some(if prepared {
+                            Step::Bound(&flat.name, params)
                         } else {
-                            prepares_flat = Some((count, state.generation));
-                            Step::ParsedBound(state.name(count), &flat.sql, &flat.types, params)
+                            prepares_flat = Some(count);
+                            Step::ParsedBound(&flat.name, &flat.sql, &flat.types, params)
                         })
                     }
                     _ => None,
@@ -713,16 +703,9 @@ impl Session {
         let mut st = self.state.lock();
         if let Plan::Batch(p) = plan {
             let (before_done, carrier_done, after_done) = p.outcome(carrier_ok);
-            if let Some((count, generation)) = p.prepares_flat {
-                if let Some(flat) = st.flat.get_mut(count) {
-                    if flat.generation == generation {
-                        if before_done {
-                            flat.prepared = true;
-                        } else {
-                            flat.generation = generation.wrapping_add(1);
-                        }
-                    }
-                }
+            if let Some(prepared) = p.prepares_flat.and_then(|n| st.flat_prepared.get_mut(n)) {
+                // Unconfirmed: parsed or not, the next batch closes and parses it again.
+                *prepared |= before_done;
             }
             // Where the reset's COMMIT went: before a transaction-local context, as the
             // carrier, or after a session-wide context (in the same transaction block).

@@ -141,9 +141,12 @@ pub(crate) fn statement(out: &mut BytesMut, sql: &str) {
     });
 }
 
-/// Parse of the named statement `name` with these parameter type OIDs, + Bind (unnamed
-/// portal) with these text parameters + Execute: a statement of ours prepared on its first
-/// use, whose replies are ParseComplete, BindComplete, any rows and one completion.
+/// Close of the named statement `name` (not an error when there is none), Parse of it
+/// with these parameter type OIDs, Bind (unnamed portal) with these text parameters and
+/// Execute: a statement of ours prepared on its first use, whose replies are CloseComplete,
+/// ParseComplete, BindComplete, any rows and one completion. The Close makes a retry after
+/// a batch that failed once the statement was parsed start from nothing, rather than fail
+/// on a name already taken or leave a statement per failure behind.
 pub(crate) fn parsed_bound_statement<'a>(
     out: &mut BytesMut,
     name: &str,
@@ -151,6 +154,10 @@ pub(crate) fn parsed_bound_statement<'a>(
     types: &[u32],
     params: impl ExactSizeIterator<Item = &'a str>,
 ) {
+    frame(out, b'C', |b| {
+        b.put_u8(b'S');
+        cstr(b, name);
+    });
     frame(out, b'P', |b| {
         cstr(b, name);
         cstr(b, sql);

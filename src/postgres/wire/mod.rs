@@ -168,8 +168,9 @@ impl Statements {
         self.count += 1;
     }
 
-    /// Appends one statement prepared here under `name` (with these parameter type OIDs),
-    /// bound to these text parameters: the statement's first use on the connection.
+    /// Appends one statement closed and prepared here under `name` (with these parameter
+    /// type OIDs), bound to these text parameters: the statement's first use on the
+    /// connection.
     pub(crate) fn push_parsed_bound<'a>(
         &mut self,
         name: &str,

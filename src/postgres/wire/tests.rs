@@ -83,6 +83,13 @@ mod fe {
         parse_typed(name, sql, &[])
     }
 
+    /// A Close of the named statement.
+    pub(super) fn close_statement(name: &str) -> Vec<u8> {
+        let mut body = vec![b'S'];
+        cstr(&mut body, name);
+        typed(b'C', &body)
+    }
+
     /// A Parse declaring these parameter type OIDs.
     pub(super) fn parse_typed(name: &str, sql: &str, types: &[u32]) -> Vec<u8> {
         let mut body = Vec::new();
@@ -167,6 +174,10 @@ mod be {
 
     pub(super) fn parse_complete() -> Vec<u8> {
         typed(b'1', &[])
+    }
+
+    pub(super) fn close_complete() -> Vec<u8> {
+        typed(b'3', &[])
     }
 
     pub(super) fn bind_complete() -> Vec<u8> {
@@ -941,6 +952,7 @@ impl Ours {
             Form::Prepared(name) => [fe::bind("", name, &[]), fe::execute("")].concat(),
             Form::Unnamed => fe::ours(self.sql),
             Form::ParsedNamed(name) => [
+                fe::close_statement(name),
                 fe::parse_typed(name, self.sql, &[25]),
                 fe::bind("", name, &[b"a text"]),
                 fe::execute(""),
@@ -1187,9 +1199,12 @@ impl BatchCase {
     fn our_back(&self, s: &Ours, failed: bool) -> (Vec<u8>, Vec<u8>) {
         let mut head = match s.prepared {
             Form::Prepared(_) => vec![be::bind_complete()],
-            Form::Unnamed | Form::ParsedNamed(_) => {
-                vec![be::parse_complete(), be::bind_complete()]
-            }
+            Form::Unnamed => vec![be::parse_complete(), be::bind_complete()],
+            Form::ParsedNamed(_) => vec![
+                be::close_complete(),
+                be::parse_complete(),
+                be::bind_complete(),
+            ],
         };
         if failed {
             head.truncate(self.fail_at);
