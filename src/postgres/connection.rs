@@ -638,7 +638,9 @@ impl Session {
     fn authorization_may_have_changed(&self) -> bool {
         self.routing != Routing::Direct
             || self.login_authorization.is_none()
-            || self.wire.parameter("session_authorization") != self.login_authorization
+            || !self
+                .wire
+                .parameter_is("session_authorization", self.login_authorization.as_deref())
     }
 
     fn push_begin<'s>(&'s self, into: &mut Steps<'s>) {

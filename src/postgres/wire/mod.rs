@@ -374,6 +374,12 @@ impl WireHandle {
         self.0.parameters.lock().get(name).cloned()
     }
 
+    /// Whether the server's last report of `name` is `value` (`None`: never reported),
+    /// without copying it.
+    pub(crate) fn parameter_is(&self, name: &str, value: Option<&str>) -> bool {
+        self.0.parameters.lock().get(name).map(String::as_str) == value
+    }
+
     /// Whether a command tag said the session's prepared statements may be gone
     /// (`DEALLOCATE`, `DISCARD ALL`).
     pub(crate) fn statements_lost(&self) -> bool {
