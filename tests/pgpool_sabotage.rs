@@ -52,7 +52,8 @@ async fn with_the_refusal_off_pgpool_runs_statements_without_their_context() {
     // Load balancing with pgpool-II's defaults, reads weighted to the standby: the
     // context goes to the primary, the read to the standby (the checkout's first read may
     // still go to the primary, right after the reset's transaction block; the second
-    // does not).
+    // does not). This pgpool-II has not looked up the functions yet either, so the first
+    // context may also be lost on the primary, as above.
     let pgpool = PgPool::start(
         &primary,
         &standby,
@@ -60,8 +61,9 @@ async fn with_the_refusal_off_pgpool_runs_statements_without_their_context() {
     )
     .unwrap_or_else(|e| panic!("{e}"));
     let lost = missing(&pgpool, 3).await;
-    assert!(
-        lost.len() >= 3 && lost.iter().all(|p| *p == i32::from(standby.port())),
-        "load balancing: {lost:?}"
-    );
+    let on_standby = lost
+        .iter()
+        .filter(|p| **p == i32::from(standby.port()))
+        .count();
+    assert!(on_standby >= 3, "load balancing: {lost:?}");
 }

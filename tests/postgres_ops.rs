@@ -19,20 +19,30 @@ fn cases() -> Vec<(Option<SecurityContext>, Vec<&'static str>)> {
     ]
 }
 
+/// One request, its statement sent the `i`-th of three ways: `query_typed` (unnamed),
+/// `prepare_cached` (prepared by name once per connection, bound in later checkouts), and
+/// `query` with a `&str` (prepared by name and bound in two requests). Behind PgBouncer
+/// in transaction mode the two named ways would each meet server connections without the
+/// statement, were the pool not sending them unnamed.
 async fn request(
     pool: &ctxpool::postgres::Pool,
     who: &Option<SecurityContext>,
+    i: usize,
 ) -> Result<Vec<String>, String> {
     let client = match who {
         Some(ctx) => pool.acquire_as(ctx).await,
         None => pool.get().await,
     }
     .map_err(|e| e.to_string())?;
-    // query_typed: an unnamed statement, as PgBouncer in transaction mode requires.
-    let rows = client
-        .query_typed(LIST, &[])
-        .await
-        .map_err(|e| e.to_string())?;
+    let rows = match i % 3 {
+        0 => client.query_typed(LIST, &[]).await,
+        1 => match client.prepare_cached(LIST).await {
+            Ok(statement) => client.query(&statement, &[]).await,
+            Err(e) => Err(e),
+        },
+        _ => client.query(LIST, &[]).await,
+    }
+    .map_err(|e| e.to_string())?;
     Ok(names(&rows))
 }
 
@@ -71,7 +81,7 @@ async fn interleaved_requests(url: &str, config: ctxpool::postgres::ContextConfi
                 } else {
                     &cases[(t + i) % 2]
                 };
-                match request(&pool, who).await {
+                match request(&pool, who, t + i).await {
                     Ok(seen) if seen == *want => {}
                     other => {
                         eprintln!("wrong answer: {other:?} for {want:?}");
@@ -91,6 +101,66 @@ async fn interleaved_requests(url: &str, config: ctxpool::postgres::ContextConfi
     assert_eq!(status.available, status.size);
 }
 
+/// The hazard of named statements behind a transaction pooler: tokio-postgres names its
+/// statements `s0`, `s1`, … in every process, so a server connection may hold a statement
+/// of another client process under the name a later Bind of ours uses. Here that other
+/// client replaces every such name on the one server connection PgBouncer has, between
+/// our prepare and our execute.
+#[tokio::test]
+async fn a_statement_another_client_left_under_our_name_never_runs() {
+    const MINE: &str = "SELECT 'mine'::text";
+    let cluster = hr_cluster();
+    let bouncer = PgBouncer::start(&cluster, "transaction", 1).unwrap();
+    let url = bouncer.url("hr_app", "hr");
+    let pool = pool(&url, ContextScope::Transaction, 1);
+    let other = connect_raw(&url).await;
+    for who in [None, Some(alice())] {
+        let c = match &who {
+            Some(ctx) => pool.acquire_as(ctx).await.unwrap(),
+            None => pool.get().await.unwrap(),
+        };
+        let cached = c.prepare_cached(MINE).await.unwrap();
+        let held = c.prepare(MINE).await.unwrap();
+        // No name of ours reached the server: it holds no statement of that text.
+        let named: i64 = other
+            .query_one(
+                "SELECT count(*) FROM pg_catalog.pg_prepared_statements WHERE statement = $1",
+                &[&MINE],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(
+            named, 0,
+            "statements of ours prepared by name on the server"
+        );
+        // The other client takes every name tokio-postgres could have given ours.
+        other
+            .batch_execute(
+                "DO $$ BEGIN FOR i IN 0..20000 LOOP \
+                   BEGIN EXECUTE format('DEALLOCATE %I', 's' || i); \
+                   EXCEPTION WHEN invalid_sql_statement_name THEN NULL; END; \
+                   EXECUTE format('PREPARE %I AS SELECT ''theirs''::text', 's' || i); \
+                 END LOOP; END $$",
+            )
+            .await
+            .unwrap();
+        for statement in [&cached, &held] {
+            let row = c.query_one(statement, &[]).await.unwrap();
+            assert_eq!(
+                row.get::<_, String>(0),
+                "mine",
+                "context {:?}",
+                who.is_some()
+            );
+        }
+        let row = c.query_one(MINE, &[]).await.unwrap();
+        assert_eq!(row.get::<_, String>(0), "mine");
+        drop((cached, held, c));
+        other.batch_execute("DEALLOCATE ALL").await.unwrap();
+    }
+}
+
 #[tokio::test]
 async fn session_scope_is_refused_behind_pgbouncer_and_allowed_direct() {
     let cluster = hr_cluster();
@@ -108,7 +178,7 @@ async fn session_scope_is_refused_behind_pgbouncer_and_allowed_direct() {
         pool.get()
             .await
             .unwrap()
-            .query_typed(LIST, &[])
+            .query(LIST, &[])
             .await
             .unwrap()
             .is_empty()
@@ -145,7 +215,7 @@ async fn the_pool_recovers_from_a_server_restart_under_load() {
             while after_ok < 40 {
                 i += 1;
                 let (who, want) = &cases[(t + i) % 3];
-                match request(&pool, who).await {
+                match request(&pool, who, t + i).await {
                     Ok(seen) => {
                         if seen != *want {
                             wrong.fetch_add(1, Ordering::SeqCst);

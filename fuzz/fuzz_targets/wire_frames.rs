@@ -4,13 +4,14 @@
 // Feeds arbitrary bytes through both directions of the PostgreSQL wire layer (the byte
 // stream between tokio-postgres and the socket), cut into chunks and interleaved as the
 // input says, with the stream's drain in between; optionally with a batch armed, names
-// being learnt, statements of the layer's own queued. Each direction is either raw bytes
+// being learnt, statements of the layer's own queued, named statements sent unnamed (as
+// behind a transaction pooler). Each direction is either raw bytes
 // or typed frames whose lengths are right (so that the fuzzer gets past the framing).
 // Checks, a panic being a bug:
 // - nothing panics, whatever the input (the handle's counters included);
 // - after a well-formed StartupMessage and whole frames, the server gets whole frames
 //   whatever the layer inserts or removes;
-// - with no batch armed and no statement of the layer's own, what the layer accepted
+// - with no batch armed, no statement of the layer's own and names kept, what the layer accepted
 //   came out unchanged and in order: a prefix of each direction's input, and all of it
 //   when the input was whole frames after a well-formed StartupMessage.
 
@@ -36,6 +37,7 @@ enum Piece {
 enum KnownTag {
     Bind,
     Parse,
+    Describe,
     Execute,
     Sync,
     Query,
@@ -54,6 +56,7 @@ impl KnownTag {
         match self {
             Self::Bind => b'B',
             Self::Parse => b'P',
+            Self::Describe => b'D',
             Self::Execute => b'E',
             Self::Sync => b'S',
             Self::Query => b'Q',
@@ -106,6 +109,8 @@ struct Input {
     steps: Vec<Step>,
     batch: Option<Spec>,
     learn: Vec<String>,
+    /// Named statements go to the server unnamed.
+    unnamed: bool,
 }
 
 fn startup_message() -> Vec<u8> {
@@ -176,6 +181,9 @@ fuzz_target!(|input: Input| {
     let (back, back_whole) = bytes(&input.back);
 
     let mut wire = WireFrames::new();
+    if input.unnamed {
+        wire.send_statements_unnamed();
+    }
     if let Some(spec) = &input.batch {
         wire.arm(&BatchSpec {
             named: spec.named.clone(),
@@ -237,7 +245,7 @@ fuzz_target!(|input: Input| {
             "the frontend is no longer whole frames: {to_server:?} from {front:?}"
         );
     }
-    if input.batch.is_some() || own {
+    if input.batch.is_some() || own || input.unnamed {
         return;
     }
     let to_client = wire.to_client();

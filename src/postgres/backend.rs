@@ -3,7 +3,6 @@
 use std::fmt;
 use std::sync::Arc;
 
-use futures_util::future::join;
 use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
 use tokio_postgres::{Config as PgConfig, SimpleQueryMessage};
 
@@ -104,21 +103,16 @@ impl Backend for Manager {
             wire,
             local_port,
         } = self.connect.connect(&self.pg_config).await?;
-        // One flight: the pool's statements, and the process id and client port the
-        // server itself reports, to compare with the process id of BackendKeyData and the
-        // port of our socket (a pooler or proxy answers with its own process id, or holds
-        // a socket of its own towards the server).
-        let statements = async {
-            if self.context.prepared_statements {
-                PoolStatements::prepare(&client, &wire).await
-            } else {
-                Ok(None)
-            }
-        };
+        // First the process id and client port the server itself reports, to compare
+        // with the process id of BackendKeyData and the port of our socket (a pooler or
+        // proxy answers with its own process id, or holds a socket of its own towards
+        // the server); then, on a direct connection only, the pool's statements. Nothing
+        // is prepared by name before it is known whether a pooler sits in between: there
+        // a statement left under a name of tokio-postgres's on a server connection could
+        // be bound by another client process that uses the same name.
         let probe = client
-            .simple_query("SELECT pg_catalog.pg_backend_pid(), pg_catalog.inet_client_port()");
-        let (statements, probe) = join(statements, probe).await;
-        let (statements, probe) = (statements?, probe?);
+            .simple_query("SELECT pg_catalog.pg_backend_pid(), pg_catalog.inet_client_port()")
+            .await?;
         let row = probe.iter().find_map(|m| match m {
             SimpleQueryMessage::Row(row) => Some(row),
             _ => None,
@@ -158,8 +152,17 @@ impl Backend for Manager {
             );
         }
         // Behind a pooler, the next transaction may run on another server connection,
-        // where these statements do not exist: send them unnamed instead.
-        let statements = if proxied { None } else { statements };
+        // where these statements do not exist: send them unnamed instead. Behind a
+        // transaction pooler, so go the user's own named statements (pgpool-II keeps a
+        // client's statements on the server connections of its session).
+        if routing == Routing::Pooler {
+            wire.send_statements_unnamed();
+        }
+        let statements = if proxied || !self.context.prepared_statements {
+            None
+        } else {
+            PoolStatements::prepare(&client, &wire).await?
+        };
         wire.settled().await;
         let session = Session::new(wire, self.context.clone(), statements, routing);
         Ok(ClientWrapper::new(client, task, session))

@@ -115,6 +115,12 @@ impl WireFrames {
         self.handle.learn_names(texts);
     }
 
+    /// Sends named statements unnamed from the next frame on, as behind a transaction
+    /// pooler.
+    pub fn send_statements_unnamed(&self) {
+        self.handle.send_statements_unnamed();
+    }
+
     /// Queues a statement of the layer's own.
     pub fn send_query(&self, sql: &str) {
         self.handle.send_query(sql);

@@ -18,15 +18,21 @@
 //!   reply of ours, so that no request of tokio-postgres waits forever and the caller sees
 //!   the first error;
 //! - **statements of its own** ([`WireHandle::send_query`]), written at the next request
-//!   boundary, with their replies swallowed (the `ROLLBACK` a release sends).
+//!   boundary, with their replies swallowed (the `ROLLBACK` a release sends);
+//! - behind a transaction pooler, **no statement name on the server**
+//!   ([`WireHandle::send_statements_unnamed`]): the statements tokio-postgres prepares by
+//!   name are sent unnamed, parsed again by each request that uses them (see
+//!   [`unnamed`]).
 //!
 //! Everything else passes through. Payloads are copied once into the layer's buffers and
-//! never parsed, except the few short control messages listed above.
+//! never parsed, except the few short control messages listed above (and, behind a
+//! transaction pooler, the statement names of Parse, Bind, Describe and Close).
 
 mod frame;
 pub(crate) mod reader;
 mod stream;
 mod tls;
+mod unnamed;
 pub(crate) mod writer;
 
 #[cfg(test)]
@@ -276,6 +282,8 @@ pub(crate) struct Shared {
     answered: tokio::sync::Notify,
     /// The stream is gone (the connection ended).
     closed: AtomicBool,
+    /// Statements prepared by name go to the server unnamed (see [`unnamed`]).
+    unnamed_statements: AtomicBool,
 }
 
 /// The session's handle on its connection's wire layer. Cheap to clone.
@@ -305,6 +313,7 @@ impl WireHandle {
             writer_waker: AtomicWaker::new(),
             answered: tokio::sync::Notify::new(),
             closed: AtomicBool::new(false),
+            unnamed_statements: AtomicBool::new(false),
         }))
     }
 
@@ -446,6 +455,13 @@ impl WireHandle {
             .collect()
     }
 
+    /// From the next frame on, statements tokio-postgres prepares by name go to the
+    /// server unnamed, parsed again in each request that uses them (see [`unnamed`]):
+    /// for a connection behind a transaction pooler.
+    pub(crate) fn send_statements_unnamed(&self) {
+        self.0.unnamed_statements.store(true, Ordering::Release);
+    }
+
     /// Sends `sql` as a simple query of the layer's own at the next request boundary;
     /// its replies are swallowed. Returns a handle to see whether the server answered.
     pub(crate) fn send_query(&self, sql: &str) -> Arc<OwnQuery> {
@@ -464,6 +480,10 @@ impl WireHandle {
 }
 
 impl Shared {
+    fn unnamed_statements(&self) -> bool {
+        self.unnamed_statements.load(Ordering::Acquire)
+    }
+
     fn take_pending_if(&self, tag: u8, body: &[u8]) -> Option<Arc<Batch>> {
         let mut pending = self.pending.lock();
         let front = pending.front()?;

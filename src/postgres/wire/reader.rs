@@ -23,13 +23,19 @@ pub(crate) enum Expect {
     /// The start-up exchange, up to its ReadyForQuery.
     Startup,
     /// A request of tokio-postgres answered by a real ReadyForQuery. `query` for a simple
-    /// Query (which the server skips entirely while it skips to a Sync).
-    Theirs { query: bool, errored: bool },
+    /// Query (which the server skips entirely while it skips to a Sync); `parses`: the
+    /// Parse frames of the layer's own in it, whose ParseCompletes are swallowed (see
+    /// [`Unnamed`](super::unnamed::Unnamed)).
+    Theirs {
+        query: bool,
+        errored: bool,
+        parses: u32,
+    },
     /// One statement of ours inside a batch: replies swallowed up to its completion.
     Ours { batch: Arc<Batch>, part: Part },
     /// The anchor request of a batch: replies passed up to its completion; a
-    /// ReadyForQuery of ours follows when its Sync was removed.
-    Anchor { batch: Arc<Batch> },
+    /// ReadyForQuery of ours follows when its Sync was removed. `parses` as for `Theirs`.
+    Anchor { batch: Arc<Batch>, parses: u32 },
     /// The real ReadyForQuery of an anchor whose Sync was kept.
     AnchorReady { batch: Arc<Batch> },
     /// A Sync or simple query of ours: everything swallowed up to its ReadyForQuery.
@@ -100,6 +106,28 @@ impl Reader {
             self.expects.front(),
             Some(Expect::Ours { .. } | Expect::OursReady { .. })
         )
+    }
+
+    /// The writer added `n` Parse frames of its own to the request it is writing (the
+    /// last one registered).
+    pub(crate) fn add_own_parses(&mut self, n: u32) {
+        if let Some(Expect::Theirs { parses, .. } | Expect::Anchor { parses, .. }) =
+            self.expects.back_mut()
+        {
+            *parses += n;
+        }
+    }
+
+    /// A ParseComplete arrived: whether it answers a Parse of the layer's own inside the
+    /// request now answered (it is then swallowed).
+    fn own_parse_answered(&mut self) -> bool {
+        match self.expects.front_mut() {
+            Some(Expect::Theirs { parses, .. } | Expect::Anchor { parses, .. }) if *parses > 0 => {
+                *parses -= 1;
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Consumes all of `input`, appending what tokio-postgres must see to `out`.
@@ -199,6 +227,9 @@ impl Reader {
             }
             _ => {
                 // ParseComplete, BindComplete.
+                if head.tag == back::PARSE_COMPLETE && self.own_parse_answered() {
+                    return Ok(());
+                }
                 if !self.swallowing() {
                     pass(head, &body, out);
                 }
@@ -245,7 +276,7 @@ impl Reader {
     /// The anchor's replies are complete: its own ReadyForQuery follows (ours when its
     /// Sync was removed, else the server's).
     fn end_anchor(&mut self, out: &mut BytesMut, shared: &Shared) -> io::Result<()> {
-        let Some(Expect::Anchor { batch }) = self.expects.pop_front() else {
+        let Some(Expect::Anchor { batch, .. }) = self.expects.pop_front() else {
             return Ok(());
         };
         match batch.merged.load(Ordering::Acquire) {
@@ -289,7 +320,7 @@ impl Reader {
                     own.failed.store(true, Ordering::Release);
                 }
             }
-            Some(Expect::Anchor { batch }) => {
+            Some(Expect::Anchor { batch, .. }) => {
                 // The anchor is answered; the server now skips to the next Sync. When its
                 // Sync was kept, the request (the user's own, a stream perhaps) is over
                 // at this error, though its ReadyForQuery is still to come.
@@ -343,7 +374,7 @@ impl Reader {
                 };
                 match expect {
                     Expect::Ours { .. } => {}
-                    Expect::Anchor { batch } => {
+                    Expect::Anchor { batch, .. } => {
                         give_error(&mut stored, out);
                         if batch.merged.load(Ordering::Acquire) == super::MERGED_YES {
                             frame::ready(out, TxStatus::InTransaction.to_byte());
@@ -359,6 +390,7 @@ impl Reader {
                     Expect::Theirs {
                         query: true,
                         errored,
+                        ..
                     } => {
                         close_errored(errored, shared);
                         give_error(&mut stored, out);
@@ -368,6 +400,7 @@ impl Reader {
                     Expect::Theirs {
                         query: false,
                         errored,
+                        ..
                     } => {
                         close_errored(errored, shared);
                         give_error(&mut stored, out);

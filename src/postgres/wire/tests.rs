@@ -10,6 +10,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -534,6 +535,8 @@ enum Kind {
     Prepare,
     /// A simple Query.
     Simple,
+    /// Close of the statement, Sync (a `Statement` dropped).
+    Close,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -565,6 +568,7 @@ fn req() -> impl Strategy<Value = Req> {
         any::<bool>().prop_map(Kind::Extended),
         Just(Kind::Prepare),
         Just(Kind::Simple),
+        Just(Kind::Close),
     ];
     let end = prop_oneof![
         4 => (0..TAGS.len()).prop_map(End::Complete),
@@ -630,6 +634,7 @@ impl Req {
                 fe::sync(),
             ]),
             Kind::Simple => fe::query(self.text()),
+            Kind::Close => cat(&[fe::close_statement(self.name()), fe::sync()]),
         }
     }
 
@@ -659,6 +664,7 @@ impl Req {
                     });
                 }
             }
+            Kind::Close => parts.push(be::close_complete()),
             Kind::Simple => {
                 if self.end == End::Empty {
                     parts.push(be::empty_query());
@@ -693,7 +699,7 @@ impl Req {
     /// none).
     fn tag(&self) -> Option<&'static str> {
         match (self.kind, self.end) {
-            (Kind::Prepare, _) => None,
+            (Kind::Prepare | Kind::Close, _) => None,
             (_, End::Complete(t)) => Some(TAGS[t]),
             _ => None,
         }
@@ -759,17 +765,67 @@ fn startup(script: &mut Script, ssl: bool, password: bool, pid: i32) -> usize {
 
 impl Exchange {
     fn script(&self) -> Script {
+        let fronts: Vec<Vec<u8>> = self.reqs.iter().map(Req::front).collect();
+        let backs: Vec<Vec<u8>> = self.reqs.iter().map(Req::back).collect();
+        self.script_of(fronts, backs)
+    }
+
+    /// The script with these frontend bytes and server answers, one per request.
+    fn script_of(&self, fronts: Vec<Vec<u8>>, backs: Vec<Vec<u8>>) -> Script {
         let mut script = Script::default();
         let started = startup(&mut script, self.ssl, self.password, self.pid);
-        let fronts: Vec<usize> = self
-            .reqs
-            .iter()
-            .map(|r| script.front(r.front(), started))
+        let fronts: Vec<usize> = fronts
+            .into_iter()
+            .map(|bytes| script.front(bytes, started))
             .collect();
-        for (r, f) in self.reqs.iter().zip(fronts).take(self.answered) {
-            script.back(r.back(), f + 1);
+        for (back, f) in backs.into_iter().zip(fronts).take(self.answered) {
+            script.back(back, f + 1);
         }
         script
+    }
+
+    /// What the server sees, request by request, when statements go unnamed (see
+    /// `super::unnamed`), and what it answers: a named statement's text is parsed into
+    /// the unnamed statement in every request that binds it, that Parse answered first.
+    fn unnamed(&self) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
+        let mut texts: HashMap<&str, &str> = HashMap::new();
+        let (mut fronts, mut backs) = (Vec::new(), Vec::new());
+        for r in &self.reqs {
+            let (name, text) = (r.name(), r.text());
+            let bind = || fe::bind("", "", &[b"42", b"x"]);
+            let mut back = r.back();
+            let front = match r.kind {
+                _ if name.is_empty() => r.front(),
+                Kind::Extended(parse) => {
+                    let known = texts.get(name).copied();
+                    if parse {
+                        texts.insert(name, text);
+                    } else if known.is_some() {
+                        back = cat(&[be::parse_complete(), back]);
+                    }
+                    match (parse, known) {
+                        (false, None) => r.front(),
+                        (false, Some(known)) => {
+                            cat(&[fe::parse("", known), bind(), fe::execute(""), fe::sync()])
+                        }
+                        (true, _) => {
+                            cat(&[fe::parse("", text), bind(), fe::execute(""), fe::sync()])
+                        }
+                    }
+                }
+                Kind::Prepare => {
+                    texts.insert(name, text);
+                    cat(&[fe::parse("", text), fe::describe(b'S', ""), fe::sync()])
+                }
+                Kind::Close if texts.remove(name).is_some() => {
+                    cat(&[fe::close_statement(""), fe::sync()])
+                }
+                Kind::Close | Kind::Simple => r.front(),
+            };
+            fronts.push(front);
+            backs.push(back);
+        }
+        (fronts, backs)
     }
 
     /// The session state the script implies once it ran.
@@ -830,6 +886,32 @@ proptest! {
             prop_assert!(run.to_client == script.back_bytes(), "backend changed");
             prop_assert_eq!(observed(&handle), ex.implied());
             prop_assert!(!handle.is_settled() || ex.answered == ex.reqs.len());
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(config(10_000))]
+
+    /// With statements going unnamed (behind a transaction pooler), no statement name
+    /// reaches the server: it sees exactly what the request-level model says (each
+    /// named statement parsed into the unnamed one by every request that binds or
+    /// describes it), tokio-postgres gets the server's answers without the ParseCompletes
+    /// of the layer's own Parses, byte for byte, and the handle ends in the state the
+    /// script implies; under any chunking and interleaving.
+    #[test]
+    fn named_statements_go_unnamed_under_any_chunking(ex in exchange(), cut in chunking()) {
+        let (server_fronts, server_backs) = ex.unnamed();
+        let expected = ex.script_of(server_fronts, server_backs.clone());
+        let fronts: Vec<Vec<u8>> = ex.reqs.iter().map(Req::front).collect();
+        let script = ex.script_of(fronts, server_backs);
+        for chunking in [cut, Chunking::whole()] {
+            let handle = WireHandle::new();
+            handle.send_statements_unnamed();
+            let run = drive(&script, &chunking, &handle, &[], |_| {});
+            prop_assert!(run.to_server == expected.front_bytes(), "frontend not as modelled");
+            prop_assert!(run.to_client == ex.script().back_bytes(), "backend changed");
+            prop_assert_eq!(observed(&handle), ex.implied());
         }
     }
 }

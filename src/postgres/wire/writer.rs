@@ -9,6 +9,7 @@ use bytes::{BufMut, BytesMut};
 
 use super::frame::{self, GSSENC_REQUEST, Head, Header, SSL_REQUEST, front};
 use super::reader::{Expect, Part, Reader};
+use super::unnamed::Unnamed;
 use super::{
     Batch, FOLLOWER_COMING, FOLLOWER_NONE, FOLLOWER_UNKNOWN, MERGED_NO, MERGED_YES, Shared,
 };
@@ -21,6 +22,9 @@ const MAX_STARTUP: usize = 10_000;
 struct Current {
     head: Head,
     remaining: usize,
+    /// The body collected whole, for a frame [`Unnamed`] rewrites; `None` when the body
+    /// streams through.
+    collected: Option<Vec<u8>>,
 }
 
 /// A Bind or Parse frame held back (its start not yet flushable) until its first body
@@ -55,6 +59,8 @@ pub(crate) struct Writer {
     /// The follower is a simple Query: a Sync of ours goes after it.
     sync_after_query: bool,
     probe: Option<Probe>,
+    /// The statements prepared by name, for a connection whose statements go unnamed.
+    unnamed: Unnamed,
 }
 
 impl Writer {
@@ -70,6 +76,7 @@ impl Writer {
             follower_next: false,
             sync_after_query: false,
             probe: None,
+            unnamed: Unnamed::default(),
         }
     }
 
@@ -110,7 +117,10 @@ impl Writer {
                 continue;
             };
             let n = cur.remaining.min(input.len());
-            out.put_slice(&input[..n]);
+            match cur.collected.as_mut() {
+                Some(body) => body.extend_from_slice(&input[..n]),
+                None => out.put_slice(&input[..n]),
+            }
             cur.remaining -= n;
             if let Some(probe) = self.probe.as_mut() {
                 let take = (probe.want - probe.seen.len()).min(n);
@@ -177,11 +187,12 @@ impl Writer {
         if !reader.started {
             // Authentication messages of the start-up exchange.
             Header::encode(head, out);
-            self.begin_body(head, out, reader, shared);
+            self.begin_body(head, false, out, reader, shared);
             return;
         }
         if self.at_boundary {
             self.at_boundary = false;
+            self.unnamed.request_boundary();
             if let Some(batch) = self.held.take() {
                 // The follower arrived: the held Sync is dropped for good.
                 self.resolve(batch, FOLLOWER_COMING, out, reader, shared);
@@ -207,14 +218,25 @@ impl Writer {
             self.anchor_sync(out, reader, shared);
             return;
         }
-        Header::encode(head, out);
-        self.begin_body(head, out, reader, shared);
+        let collect = Unnamed::rewrites(head.tag) && shared.unnamed_statements();
+        if !collect {
+            Header::encode(head, out);
+        }
+        self.begin_body(head, collect, out, reader, shared);
     }
 
-    fn begin_body(&mut self, head: Head, out: &mut BytesMut, reader: &mut Reader, shared: &Shared) {
+    fn begin_body(
+        &mut self,
+        head: Head,
+        collect: bool,
+        out: &mut BytesMut,
+        reader: &mut Reader,
+        shared: &Shared,
+    ) {
         self.current = Some(Current {
             head,
             remaining: head.body,
+            collected: collect.then(|| Vec::with_capacity(head.body)),
         });
         if self.probe.as_ref().is_some_and(|p| p.want == 0) {
             self.decide(out, reader, shared);
@@ -229,6 +251,7 @@ impl Writer {
         reader.expects.push_back(Expect::Theirs {
             query: tag == front::QUERY,
             errored: false,
+            parses: 0,
         });
         shared.theirs_sent.fetch_add(1, Ordering::AcqRel);
     }
@@ -249,6 +272,8 @@ impl Writer {
         let tail = out.split_off(probe.start);
         out.put_slice(&batch.before);
         out.unsplit(tail);
+        // They may parse the unnamed statement.
+        self.unnamed.unnamed_overwritten();
         for _ in 0..batch.before_steps {
             reader.expects.push_back(Expect::Ours {
                 batch: batch.clone(),
@@ -257,6 +282,7 @@ impl Writer {
         }
         reader.expects.push_back(Expect::Anchor {
             batch: batch.clone(),
+            parses: 0,
         });
         shared.theirs_sent.fetch_add(1, Ordering::AcqRel);
         batch.matched.store(true, Ordering::Release);
@@ -270,6 +296,12 @@ impl Writer {
         if self.probe.is_some() {
             // A frame shorter than the anchor's decisive length.
             self.decide(out, reader, shared);
+        }
+        if let Some(body) = cur.collected {
+            // After `decide`: the batch's statements go before the frame.
+            let added = self.unnamed.rewrite(cur.head.tag, &body, out);
+            reader.add_own_parses(added);
+            return;
         }
         if !reader.started {
             return;
