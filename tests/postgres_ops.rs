@@ -84,7 +84,10 @@ async fn interleaved_requests(url: &str, config: ctxpool::postgres::ContextConfi
                 match request(&pool, who, t + i).await {
                     Ok(seen) if seen == *want => {}
                     other => {
-                        eprintln!("wrong answer: {other:?} for {want:?}");
+                        eprintln!(
+                            "wrong answer: {other:?} for {want:?}, statement kind {}",
+                            (t + i) % 3
+                        );
                         wrong.fetch_add(1, Ordering::SeqCst);
                     }
                 }

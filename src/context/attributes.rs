@@ -110,11 +110,20 @@ impl Attributes {
                 .into_iter()
                 .flatten()
                 .map(move |(attribute, value)| {
+                    // Built by hand, not by `format!`: this runs for every attribute of
+                    // every checkout.
+                    let mut name = String::with_capacity(key.len() + 1 + attribute.len());
+                    name.push_str(key);
+                    name.push('.');
+                    name.push_str(attribute);
                     let text = match value {
                         Value::String(s) => s.clone(),
-                        other => other.to_string(),
+                        Value::Bool(true) => "true".to_owned(),
+                        Value::Bool(false) => "false".to_owned(),
+                        // A number (null, arrays and objects are refused at validation).
+                        other => serde_json::to_string(other).unwrap_or_default(),
                     };
-                    (format!("{key}.{attribute}"), text)
+                    (name, text)
                 })
         })
     }

@@ -292,11 +292,30 @@ enum Step<'a> {
     ParsedBound(&'a str, &'a str, &'a [u32], Vec<&'a str>),
 }
 
+impl Step<'_> {
+    /// About how many bytes the step's frames take: enough that a batch's buffer is
+    /// allocated once.
+    fn size_hint(&self) -> usize {
+        // Frame headers, portal and format fields, the Execute.
+        const FIXED: usize = 48;
+        let params = |p: &[&str]| p.iter().map(|v| 4 + v.len()).sum::<usize>();
+        match self {
+            Self::Prepared(name) => FIXED + name.len(),
+            Self::Text(sql) => FIXED + sql.len(),
+            Self::Bound(name, p) => FIXED + name.len() + params(p),
+            Self::Encoded(statements) => statements.len(),
+            Self::ParsedBound(name, sql, types, p) => {
+                2 * FIXED + 3 * name.len() + sql.len() + 4 * types.len() + params(p)
+            }
+        }
+    }
+}
+
 type Steps<'a> = Vec<Step<'a>>;
 
 /// The frames of these steps.
 fn statements(steps: &[Step<'_>]) -> Statements {
-    let mut out = Statements::default();
+    let mut out = Statements::with_capacity(steps.iter().map(Step::size_hint).sum());
     for step in steps {
         match step {
             Step::Prepared(name) => out.push_prepared(name),

@@ -59,6 +59,13 @@ impl Header {
     /// Returns how many bytes it took and the header once complete.
     pub(crate) fn feed(&mut self, input: &[u8], typed: bool) -> io::Result<(usize, Option<Head>)> {
         let want = if typed { 5 } else { 4 };
+        if self.have == 0 && typed {
+            // The common case, a whole header in the input: read it in place.
+            if let Some(&[tag, a, b, c, d]) = input.get(..5) {
+                let len = u32::from_be_bytes([a, b, c, d]) as usize;
+                return Self::typed_head(tag, len).map(|head| (5, Some(head)));
+            }
+        }
         let take = (want - self.have).min(input.len());
         self.bytes[self.have..self.have + take].copy_from_slice(&input[..take]);
         self.have += take;
@@ -72,15 +79,28 @@ impl Header {
             (0, &self.bytes[0..4])
         };
         let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
+        if typed {
+            return Self::typed_head(tag, len).map(|head| (take, Some(head)));
+        }
+        Self::checked_len(len)?;
+        Ok((take, Some(Head { tag, body: len - 4 })))
+    }
+
+    fn typed_head(tag: u8, len: usize) -> io::Result<Head> {
         // Tag 0 stands for "untyped" in `Head` (and no message has it): a typed frame
         // with it would lose its tag when copied through.
-        if typed && tag == 0 {
+        if tag == 0 {
             return Err(protocol("a frame with tag 0"));
         }
+        Self::checked_len(len)?;
+        Ok(Head { tag, body: len - 4 })
+    }
+
+    fn checked_len(len: usize) -> io::Result<()> {
         if !(4..=MAX_FRAME).contains(&len) {
             return Err(protocol("a frame length out of range"));
         }
-        Ok((take, Some(Head { tag, body: len - 4 })))
+        Ok(())
     }
 
     /// Whether no byte of a header is held (the input is at a frame boundary).

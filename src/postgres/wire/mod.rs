@@ -155,6 +155,19 @@ pub(crate) struct Statements {
 }
 
 impl Statements {
+    /// Empty, with room for `bytes` bytes of frames.
+    pub(crate) fn with_capacity(bytes: usize) -> Self {
+        Self {
+            bytes: BytesMut::with_capacity(bytes),
+            count: 0,
+        }
+    }
+
+    /// How many bytes of frames it holds.
+    pub(crate) fn len(&self) -> usize {
+        self.bytes.len()
+    }
+
     /// Appends one statement, parsed unnamed (for a connection where the pool's
     /// statements are not prepared).
     pub(crate) fn push(&mut self, sql: &str) {

@@ -65,8 +65,8 @@ const MAX_COLLECTED: usize = 1 << 20;
 struct Current {
     head: Head,
     remaining: usize,
-    /// `Some` while collecting; `None` when streaming.
-    body: Option<Vec<u8>>,
+    /// The body is collected (into [`Reader::body`]); else it streams.
+    collecting: bool,
     /// For a streamed frame: pass it on (else swallow).
     pass: bool,
 }
@@ -76,6 +76,9 @@ struct Current {
 pub(crate) struct Reader {
     header: Header,
     current: Option<Current>,
+    /// The body of the frame being collected; one buffer for every frame, so that the
+    /// short control frames of each reply cost no allocation.
+    body: Vec<u8>,
     pub(crate) expects: VecDeque<Expect>,
     /// The server is skipping to the next Sync after an error in a batch; the error of
     /// ours that caused it, if not yet given to a request of tokio-postgres.
@@ -93,6 +96,7 @@ impl Reader {
         Self {
             header: Header::default(),
             current: None,
+            body: Vec::new(),
             expects,
             skipping: None,
             ssl_answer: false,
@@ -159,10 +163,10 @@ impl Reader {
                 continue;
             };
             let n = cur.remaining.min(input.len());
-            match &mut cur.body {
-                Some(body) => body.extend_from_slice(&input[..n]),
-                None if cur.pass => out.put_slice(&input[..n]),
-                None => {}
+            if cur.collecting {
+                self.body.extend_from_slice(&input[..n]);
+            } else if cur.pass {
+                out.put_slice(&input[..n]);
             }
             cur.remaining -= n;
             input = &input[n..];
@@ -174,20 +178,21 @@ impl Reader {
     }
 
     fn start(&mut self, head: Head, out: &mut BytesMut) {
-        let (body, pass) = if collected(head.tag) && head.body <= MAX_COLLECTED {
-            (Some(Vec::with_capacity(head.body)), false)
+        let (collecting, pass) = if collected(head.tag) && head.body <= MAX_COLLECTED {
+            self.body.clear();
+            (true, false)
         } else {
             let pass = !(self.swallowing() || self.skipping.is_some() && head.tag != back::NOTICE);
             let pass = pass || head.tag == b'A';
             if pass {
                 Header::encode(head, out);
             }
-            (None, pass)
+            (false, pass)
         };
         self.current = Some(Current {
             head,
             remaining: head.body,
-            body,
+            collecting,
             pass,
         });
     }
@@ -197,13 +202,27 @@ impl Reader {
         let Some(cur) = self.current.take() else {
             return Ok(());
         };
-        let Some(body) = cur.body else {
+        if !cur.collecting {
             return Ok(());
-        };
-        let head = cur.head;
+        }
+        // Taken for the frame's handling and given back, so that its capacity stays.
+        let body = std::mem::take(&mut self.body);
+        let result = self.on_frame(cur.head, &body, out, shared);
+        self.body = body;
+        result
+    }
+
+    /// A collected frame is complete.
+    fn on_frame(
+        &mut self,
+        head: Head,
+        body: &[u8],
+        out: &mut BytesMut,
+        shared: &Shared,
+    ) -> io::Result<()> {
         match head.tag {
             back::PARAMETER_STATUS => {
-                if let Some((name, rest)) = frame::split_cstr(&body) {
+                if let Some((name, rest)) = frame::split_cstr(body) {
                     if let Some((value, _)) = frame::split_cstr(rest) {
                         shared.parameters.lock().insert(
                             String::from_utf8_lossy(name).into_owned(),
@@ -211,19 +230,19 @@ impl Reader {
                         );
                     }
                 }
-                pass(head, &body, out);
+                pass(head, body, out);
             }
             back::BACKEND_KEY_DATA => {
                 if body.len() >= 4 {
                     let pid = i32::from_be_bytes([body[0], body[1], body[2], body[3]]);
                     shared.backend_pid.store(i64::from(pid), Ordering::Release);
                 }
-                pass(head, &body, out);
+                pass(head, body, out);
             }
-            back::READY_FOR_QUERY => self.on_ready(head, &body, out, shared)?,
+            back::READY_FOR_QUERY => self.on_ready(head, body, out, shared)?,
             back::ERROR => self.on_error(head, body, out, shared)?,
             back::COMMAND_COMPLETE | back::EMPTY_QUERY | back::PORTAL_SUSPENDED => {
-                self.on_completion(head, &body, out, shared)?;
+                self.on_completion(head, body, out, shared)?;
             }
             _ => {
                 // ParseComplete, BindComplete.
@@ -231,7 +250,7 @@ impl Reader {
                     return Ok(());
                 }
                 if !self.swallowing() {
-                    pass(head, &body, out);
+                    pass(head, body, out);
                 }
             }
         }
@@ -293,17 +312,17 @@ impl Reader {
     fn on_error(
         &mut self,
         head: Head,
-        body: Vec<u8>,
+        body: &[u8],
         out: &mut BytesMut,
         shared: &Shared,
     ) -> io::Result<()> {
         let fatal = matches!(
-            frame::error_field(&body, b'V').or_else(|| frame::error_field(&body, b'S')),
+            frame::error_field(body, b'V').or_else(|| frame::error_field(body, b'S')),
             Some(b"FATAL" | b"PANIC")
         );
         if fatal {
             // The server is closing the session: let tokio-postgres see why.
-            pass(head, &body, out);
+            pass(head, body, out);
             return Ok(());
         }
         match self.expects.front() {
@@ -312,7 +331,7 @@ impl Reader {
                 let mut whole = Vec::with_capacity(body.len() + 5);
                 whole.push(head.tag);
                 whole.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
-                whole.extend_from_slice(&body);
+                whole.extend_from_slice(body);
                 self.skipping = Some(Some(whole));
             }
             Some(Expect::OursReady { own }) => {
@@ -329,7 +348,7 @@ impl Reader {
                 {
                     shared.errored_open.fetch_add(1, Ordering::AcqRel);
                 }
-                pass(head, &body, out);
+                pass(head, body, out);
                 self.end_anchor(out, shared)?;
                 self.skipping = Some(None);
             }
@@ -341,9 +360,9 @@ impl Reader {
                         shared.errored_open.fetch_add(1, Ordering::AcqRel);
                     }
                 }
-                pass(head, &body, out);
+                pass(head, body, out);
             }
-            Some(Expect::Startup) => pass(head, &body, out),
+            Some(Expect::Startup) => pass(head, body, out),
             Some(Expect::AnchorReady { .. }) | None => {
                 return Err(protocol("an error nobody asked for"));
             }

@@ -61,6 +61,8 @@ pub(crate) struct Writer {
     probe: Option<Probe>,
     /// The statements prepared by name, for a connection whose statements go unnamed.
     unnamed: Unnamed,
+    /// Room for the start of an anchor frame while a batch goes in front of it.
+    scratch: Vec<u8>,
 }
 
 impl Writer {
@@ -77,6 +79,7 @@ impl Writer {
             sync_after_query: false,
             probe: None,
             unnamed: Unnamed::default(),
+            scratch: Vec::new(),
         }
     }
 
@@ -268,10 +271,14 @@ impl Writer {
             self.theirs(probe.tag, reader, shared);
             return;
         };
-        // The batch's statements go right before the anchor.
-        let tail = out.split_off(probe.start);
+        // The batch's statements go right before the anchor: what is written of the
+        // anchor (its header and first bytes, a short run) moves behind them. Not by
+        // `split_off`, which would turn the buffer into a shared one that reallocates.
+        self.scratch.clear();
+        self.scratch.extend_from_slice(&out[probe.start..]);
+        out.truncate(probe.start);
         out.put_slice(&batch.before);
-        out.unsplit(tail);
+        out.put_slice(&self.scratch);
         // They may parse the unnamed statement.
         self.unnamed.unnamed_overwritten();
         for _ in 0..batch.before_steps {
