@@ -164,6 +164,43 @@ async fn a_statement_another_client_left_under_our_name_never_runs() {
     }
 }
 
+/// Requests that follow one another without waiting behind PgBouncer: a `query` with a
+/// `&str` drops its statement, whose Close (with its own Sync) goes out right before the
+/// next checkout's batch. Tasks of two kinds (plain, and under a context) share
+/// PgBouncer's one server connection, each statement a `query` with a `&str`; each must
+/// get its own answer under its own context.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_pipelined_behind_pgbouncer_each_get_their_own_answer() {
+    const ECHO: &str = "SELECT $1::text, pg_catalog.current_setting('ctxpool.end_user', true)";
+    let cluster = hr_cluster();
+    let bouncer = PgBouncer::start(&cluster, "transaction", 1).unwrap();
+    let pool = pool(&bouncer.url("hr_app", "hr"), ContextScope::Transaction, 4);
+    let mut tasks = Vec::new();
+    for t in 0..4 {
+        let pool = pool.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..250 {
+                let (c, user) = match t % 2 {
+                    0 => (pool.get().await.unwrap(), ""),
+                    _ => (pool.acquire_as(&alice()).await.unwrap(), "alice"),
+                };
+                let value = format!("{t}.{i}");
+                let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&value];
+                let asked = c.query_one(ECHO, &params);
+                let row = tokio::time::timeout(std::time::Duration::from_secs(30), asked)
+                    .await
+                    .unwrap_or_else(|_| panic!("task {t}, round {i}: no answer"))
+                    .unwrap_or_else(|e| panic!("task {t}, round {i}: {e}"));
+                assert_eq!(row.get::<_, String>(0), value);
+                assert_eq!(row.get::<_, Option<String>>(1).unwrap_or_default(), user);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
 #[tokio::test]
 async fn session_scope_is_refused_behind_pgbouncer_and_allowed_direct() {
     let cluster = hr_cluster();

@@ -4,15 +4,16 @@
 // Feeds arbitrary bytes through both directions of the PostgreSQL wire layer (the byte
 // stream between tokio-postgres and the socket), cut into chunks and interleaved as the
 // input says, with the stream's drain in between; optionally with a batch armed, names
-// being learnt, statements of the layer's own queued, named statements sent unnamed (as
-// behind a transaction pooler). Each direction is either raw bytes
-// or typed frames whose lengths are right (so that the fuzzer gets past the framing).
+// being learnt, statements of the layer's own queued, as behind a transaction pooler
+// (named statements sent unnamed, a request held back until the one before is
+// answered). Each direction is either raw bytes or typed frames whose lengths are right
+// (so that the fuzzer gets past the framing).
 // Checks, a panic being a bug:
 // - nothing panics, whatever the input (the handle's counters included);
 // - after a well-formed StartupMessage and whole frames, the server gets whole frames
 //   whatever the layer inserts or removes;
-// - with no batch armed, no statement of the layer's own and names kept, what the layer accepted
-//   came out unchanged and in order: a prefix of each direction's input, and all of it
+// - with no batch armed, no statement of the layer's own and no pooler, what the layer
+//   accepted came out unchanged and in order: a prefix of each direction's input, and all of it
 //   when the input was whole frames after a well-formed StartupMessage.
 
 #![no_main]
@@ -109,8 +110,8 @@ struct Input {
     steps: Vec<Step>,
     batch: Option<Spec>,
     learn: Vec<String>,
-    /// Named statements go to the server unnamed.
-    unnamed: bool,
+    /// As behind a transaction pooler.
+    pooled: bool,
 }
 
 fn startup_message() -> Vec<u8> {
@@ -181,8 +182,8 @@ fuzz_target!(|input: Input| {
     let (back, back_whole) = bytes(&input.back);
 
     let mut wire = WireFrames::new();
-    if input.unnamed {
-        wire.send_statements_unnamed();
+    if input.pooled {
+        wire.behind_transaction_pooler();
     }
     if let Some(spec) = &input.batch {
         wire.arm(&BatchSpec {
@@ -245,7 +246,7 @@ fuzz_target!(|input: Input| {
             "the frontend is no longer whole frames: {to_server:?} from {front:?}"
         );
     }
-    if input.batch.is_some() || own || input.unnamed {
+    if input.batch.is_some() || own || input.pooled {
         return;
     }
     let to_client = wire.to_client();

@@ -156,7 +156,7 @@ impl Backend for Manager {
         // transaction pooler, so go the user's own named statements (pgpool-II keeps a
         // client's statements on the server connections of its session).
         if routing == Routing::Pooler {
-            wire.send_statements_unnamed();
+            wire.behind_transaction_pooler();
         }
         let statements = if proxied || !self.context.prepared_statements {
             None

@@ -115,10 +115,10 @@ impl WireFrames {
         self.handle.learn_names(texts);
     }
 
-    /// Sends named statements unnamed from the next frame on, as behind a transaction
-    /// pooler.
-    pub fn send_statements_unnamed(&self) {
-        self.handle.send_statements_unnamed();
+    /// Behaves as behind a transaction pooler from the next frame on: named statements
+    /// go unnamed, and a request waits for the one before it.
+    pub fn behind_transaction_pooler(&self) {
+        self.handle.behind_transaction_pooler();
     }
 
     /// Queues a statement of the layer's own.
@@ -157,7 +157,10 @@ impl WireFrames {
     /// Hands up to `max` bytes of what may go to the server to the "socket", as the
     /// stream's drain does. Returns how many.
     pub fn drain(&mut self, max: usize) -> usize {
-        let n = self.writer.flushable(&self.to_server).min(max);
+        let n = self
+            .writer
+            .flushable(&self.to_server, &self.reader)
+            .min(max);
         self.sent.extend_from_slice(&self.to_server[..n]);
         self.to_server.advance(n);
         self.writer.drained(n);

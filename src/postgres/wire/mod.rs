@@ -19,10 +19,12 @@
 //!   the first error;
 //! - **statements of its own** ([`WireHandle::send_query`]), written at the next request
 //!   boundary, with their replies swallowed (the `ROLLBACK` a release sends);
-//! - behind a transaction pooler, **no statement name on the server**
-//!   ([`WireHandle::send_statements_unnamed`]): the statements tokio-postgres prepares by
-//!   name are sent unnamed, parsed again by each request that uses them (see
-//!   [`unnamed`]).
+//! - behind a transaction pooler ([`WireHandle::behind_transaction_pooler`]), **no
+//!   statement name on the server**: the statements tokio-postgres prepares by name are
+//!   sent unnamed, parsed again by each request that uses them (see [`unnamed`]); and
+//!   **one request in flight**: a request written while an earlier one awaits its
+//!   ReadyForQuery is held back until it came (PgBouncer before 1.21 lets another client
+//!   have the server connection at that ReadyForQuery, with whatever was sent after it).
 //!
 //! Everything else passes through. Payloads are copied once into the layer's buffers and
 //! never parsed, except the few short control messages listed above (and, behind a
@@ -295,8 +297,8 @@ pub(crate) struct Shared {
     answered: tokio::sync::Notify,
     /// The stream is gone (the connection ended).
     closed: AtomicBool,
-    /// Statements prepared by name go to the server unnamed (see [`unnamed`]).
-    unnamed_statements: AtomicBool,
+    /// Behind a transaction pooler (see [`WireHandle::behind_transaction_pooler`]).
+    pooled: AtomicBool,
 }
 
 /// The session's handle on its connection's wire layer. Cheap to clone.
@@ -326,7 +328,7 @@ impl WireHandle {
             writer_waker: AtomicWaker::new(),
             answered: tokio::sync::Notify::new(),
             closed: AtomicBool::new(false),
-            unnamed_statements: AtomicBool::new(false),
+            pooled: AtomicBool::new(false),
         }))
     }
 
@@ -468,11 +470,12 @@ impl WireHandle {
             .collect()
     }
 
-    /// From the next frame on, statements tokio-postgres prepares by name go to the
-    /// server unnamed, parsed again in each request that uses them (see [`unnamed`]):
-    /// for a connection behind a transaction pooler.
-    pub(crate) fn send_statements_unnamed(&self) {
-        self.0.unnamed_statements.store(true, Ordering::Release);
+    /// The connection goes through a transaction pooler: from the next frame on,
+    /// statements tokio-postgres prepares by name go to the server unnamed, parsed again
+    /// in each request that uses them (see [`unnamed`]), and a request waits until the
+    /// one before it is answered.
+    pub(crate) fn behind_transaction_pooler(&self) {
+        self.0.pooled.store(true, Ordering::Release);
     }
 
     /// Sends `sql` as a simple query of the layer's own at the next request boundary;
@@ -493,8 +496,8 @@ impl WireHandle {
 }
 
 impl Shared {
-    fn unnamed_statements(&self) -> bool {
-        self.unnamed_statements.load(Ordering::Acquire)
+    fn pooled(&self) -> bool {
+        self.pooled.load(Ordering::Acquire)
     }
 
     fn take_pending_if(&self, tag: u8, body: &[u8]) -> Option<Arc<Batch>> {

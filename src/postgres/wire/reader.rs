@@ -87,6 +87,9 @@ pub(crate) struct Reader {
     pub(crate) ssl_answer: bool,
     /// The startup's first ReadyForQuery was read.
     pub(crate) started: bool,
+    /// How many entries of [`expects`](Self::expects) were answered in all: with its
+    /// length, where an entry written now stands in the order of answers.
+    pub(crate) popped: u64,
 }
 
 impl Reader {
@@ -101,7 +104,25 @@ impl Reader {
             skipping: None,
             ssl_answer: false,
             started: false,
+            popped: 0,
         }
+    }
+
+    /// The next answered entry of [`expects`](Self::expects).
+    fn pop(&mut self) -> Option<Expect> {
+        let expect = self.expects.pop_front();
+        self.popped += u64::from(expect.is_some());
+        expect
+    }
+
+    /// Whether every entry registered so far was answered: no request awaits its reply.
+    pub(crate) fn all_answered(&self) -> bool {
+        self.expects.is_empty()
+    }
+
+    /// The position in the order of answers after the last entry registered so far.
+    pub(crate) fn registered(&self) -> u64 {
+        self.popped + self.expects.len() as u64
     }
 
     /// Whether a frame of ours is being swallowed (its notices too).
@@ -271,7 +292,7 @@ impl Reader {
                     Part::After => &batch.after_done,
                 };
                 counter.fetch_add(1, Ordering::AcqRel);
-                self.expects.pop_front();
+                self.pop();
             }
             Some(Expect::OursReady { .. }) => {}
             Some(Expect::Anchor { .. }) => {
@@ -295,7 +316,7 @@ impl Reader {
     /// The anchor's replies are complete: its own ReadyForQuery follows (ours when its
     /// Sync was removed, else the server's).
     fn end_anchor(&mut self, out: &mut BytesMut, shared: &Shared) -> io::Result<()> {
-        let Some(Expect::Anchor { batch, .. }) = self.expects.pop_front() else {
+        let Some(Expect::Anchor { batch, .. }) = self.pop() else {
             return Ok(());
         };
         match batch.merged.load(Ordering::Acquire) {
@@ -327,7 +348,7 @@ impl Reader {
         }
         match self.expects.front() {
             Some(Expect::Ours { .. }) => {
-                self.expects.pop_front();
+                self.pop();
                 let mut whole = Vec::with_capacity(body.len() + 5);
                 whole.push(head.tag);
                 whole.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
@@ -388,7 +409,7 @@ impl Reader {
         if let Some(mut stored) = self.skipping.take() {
             // The server skipped everything up to this Sync: answer each skipped request.
             loop {
-                let Some(expect) = self.expects.pop_front() else {
+                let Some(expect) = self.pop() else {
                     return Err(protocol("a ReadyForQuery nobody asked for"));
                 };
                 match expect {
@@ -435,7 +456,7 @@ impl Reader {
                 }
             }
         } else {
-            match self.expects.pop_front() {
+            match self.pop() {
                 Some(Expect::Theirs { errored, .. }) => {
                     close_errored(errored, shared);
                     pass(head, body, out);

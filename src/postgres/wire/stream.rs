@@ -81,7 +81,7 @@ impl<S: AsyncWrite + Unpin> WireStream<S> {
     /// Writes what may go to the server now.
     fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         loop {
-            let ready = self.writer.flushable(&self.to_server);
+            let ready = self.writer.flushable(&self.to_server, &self.reader);
             if ready == 0 {
                 return Poll::Ready(Ok(()));
             }
@@ -160,6 +160,10 @@ impl<S: AsyncRead + Unpin> AsyncRead for WireStream<S> {
             }
             this.reader
                 .process(filled, &mut this.to_client, &this.handle.0)?;
+            if this.writer.gated() {
+                // A request held back may go now: the connection task flushes when woken.
+                this.handle.0.writer_waker.wake();
+            }
         }
     }
 }

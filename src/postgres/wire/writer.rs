@@ -1,6 +1,7 @@
 //! The frontend direction: every request tokio-postgres writes is registered with the
 //! reader; a batch's statements are written around its anchor, whose Sync may be removed.
 
+use std::collections::VecDeque;
 use std::io;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -63,6 +64,10 @@ pub(crate) struct Writer {
     unnamed: Unnamed,
     /// Room for the start of an anchor frame while a batch goes in front of it.
     scratch: Vec<u8>,
+    /// Behind a transaction pooler: requests written while an earlier one awaited its
+    /// ReadyForQuery, held back until it came. Per request, where it starts in the output
+    /// buffer and the reader's count of answers that lets it go (see [`gate`](Self::gate)).
+    gates: VecDeque<(usize, u64)>,
 }
 
 impl Writer {
@@ -80,13 +85,39 @@ impl Writer {
             probe: None,
             unnamed: Unnamed::default(),
             scratch: Vec::new(),
+            gates: VecDeque::new(),
         }
     }
 
     /// How much of `out` may be written to the server now: everything before a frame
-    /// that is still being recognised.
-    pub(crate) fn flushable(&self, out: &BytesMut) -> usize {
-        self.probe.as_ref().map_or(out.len(), |p| p.start)
+    /// that is still being recognised, and before a request held back until an earlier
+    /// one is answered.
+    pub(crate) fn flushable(&mut self, out: &BytesMut, reader: &Reader) -> usize {
+        while self
+            .gates
+            .front()
+            .is_some_and(|&(_, after)| reader.popped >= after)
+        {
+            self.gates.pop_front();
+        }
+        let probe = self.probe.as_ref().map_or(out.len(), |p| p.start);
+        self.gates.front().map_or(probe, |&(at, _)| at.min(probe))
+    }
+
+    /// Whether bytes are held back until an earlier request is answered.
+    pub(crate) fn gated(&self) -> bool {
+        !self.gates.is_empty()
+    }
+
+    /// A request starts at the end of `out`. Behind a transaction pooler, it waits until
+    /// every request before it is answered: PgBouncer before 1.21 hands the server
+    /// connection to another client at the first ReadyForQuery that says idle, and a
+    /// transaction already sent after it would run there, its replies reaching that
+    /// other client.
+    fn gate(&mut self, out: &BytesMut, reader: &Reader, shared: &Shared) {
+        if shared.pooled() && reader.started && !reader.all_answered() {
+            self.gates.push_back((out.len(), reader.registered()));
+        }
     }
 
     /// `n` bytes were taken from the front of the output buffer (written to the server).
@@ -95,6 +126,9 @@ impl Writer {
     pub(crate) fn drained(&mut self, n: usize) {
         if let Some(probe) = self.probe.as_mut() {
             probe.start -= n;
+        }
+        for (at, _) in &mut self.gates {
+            *at -= n;
         }
     }
 
@@ -199,6 +233,9 @@ impl Writer {
             if let Some(batch) = self.held.take() {
                 // The follower arrived: the held Sync is dropped for good.
                 self.resolve(batch, FOLLOWER_COMING, out, reader, shared);
+            } else if !self.follower_next {
+                // A request of its own, not one merged with the anchor before it.
+                self.gate(out, reader, shared);
             }
             if std::mem::take(&mut self.follower_next) {
                 self.sync_after_query = head.tag == front::QUERY;
@@ -221,7 +258,7 @@ impl Writer {
             self.anchor_sync(out, reader, shared);
             return;
         }
-        let collect = Unnamed::rewrites(head.tag) && shared.unnamed_statements();
+        let collect = Unnamed::rewrites(head.tag) && shared.pooled();
         if !collect {
             Header::encode(head, out);
         }
@@ -398,6 +435,7 @@ impl Writer {
             return;
         }
         while let Some(own) = shared.take_own() {
+            self.gate(out, reader, shared);
             out.put_slice(&own.sql);
             reader
                 .expects
