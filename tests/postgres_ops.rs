@@ -4,6 +4,7 @@ mod support;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use ctxpool::SecurityContext;
 use ctxpool::postgres::ContextScope;
@@ -199,6 +200,72 @@ async fn requests_pipelined_behind_pgbouncer_each_get_their_own_answer() {
     for t in tasks {
         t.await.unwrap();
     }
+}
+
+/// COPY FROM STDIN sends its data after the Sync of its request (the server ignores that
+/// Sync and answers the one after CopyDone): the data is no request of its own, and
+/// behind PgBouncer, where a request waits for the one before, it must not wait.
+#[tokio::test]
+async fn copy_in_runs_directly_and_behind_pgbouncer() {
+    let cluster = hr_cluster();
+    let bouncer = PgBouncer::start(&cluster, "transaction", 1).unwrap();
+    for (url, behind) in [
+        (cluster.url("hr_app", "hr"), false),
+        (bouncer.url("hr_app", "hr"), true),
+    ] {
+        let pool = pool(&url, ContextScope::Transaction, 1);
+        for who in [None, Some(alice())] {
+            let user = if who.is_some() { "alice" } else { "" };
+            // A wait here is the failure: the data held back, or a request registered
+            // for it that no answer ends.
+            tokio::time::timeout(Duration::from_secs(30), copy_in(&pool, who, behind))
+                .await
+                .unwrap_or_else(|_| {
+                    panic!("COPY FROM STDIN waited (behind PgBouncer: {behind}, user {user:?})")
+                });
+        }
+    }
+}
+
+/// Three rows by COPY FROM STDIN into a temporary table, checked, then one more statement
+/// on the same handle.
+async fn copy_in(pool: &ctxpool::postgres::Pool, who: Option<SecurityContext>, behind: bool) {
+    use futures_util::SinkExt;
+    let mut c = match &who {
+        Some(ctx) => pool.acquire_as(ctx).await.unwrap(),
+        None => pool.get().await.unwrap(),
+    };
+    assert_eq!(c.behind_proxy(), behind);
+    let tx = c.transaction().await.unwrap();
+    tx.batch_execute("CREATE TEMP TABLE copied (n int) ON COMMIT DROP")
+        .await
+        .unwrap();
+    let sink = tx.copy_in("COPY copied (n) FROM STDIN").await.unwrap();
+    let mut sink = std::pin::pin!(sink);
+    for n in 0..3 {
+        sink.send(bytes::Bytes::from(format!("{n}\n")))
+            .await
+            .unwrap();
+    }
+    assert_eq!(sink.finish().await.unwrap(), 3);
+    let row = tx
+        .query_one(
+            "SELECT count(*), pg_catalog.current_setting('ctxpool.end_user', true) FROM copied",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i64>(0), 3);
+    let user: Option<String> = row.get(1);
+    assert_eq!(
+        user.unwrap_or_default(),
+        if who.is_some() { "alice" } else { "" }
+    );
+    tx.commit().await.unwrap();
+    assert_eq!(
+        c.query_one("SELECT 1", &[]).await.unwrap().get::<_, i32>(0),
+        1
+    );
 }
 
 #[tokio::test]

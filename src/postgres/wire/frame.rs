@@ -12,6 +12,9 @@ use bytes::{BufMut, BytesMut};
 /// Frontend tags the layer acts on.
 pub(crate) mod front {
     pub(crate) const BIND: u8 = b'B';
+    pub(crate) const COPY_DATA: u8 = b'd';
+    pub(crate) const COPY_DONE: u8 = b'c';
+    pub(crate) const COPY_FAIL: u8 = b'f';
     pub(crate) const EXECUTE: u8 = b'E';
     pub(crate) const PARSE: u8 = b'P';
     pub(crate) const QUERY: u8 = b'Q';

@@ -977,6 +977,59 @@ fn behind_a_pooler_a_request_waits_for_the_one_before() {
     assert!(!writer.gated());
 }
 
+/// COPY FROM STDIN: the data goes after the Sync of its request, which the server
+/// ignores; the one after CopyDone is answered. The data is no request of its own: it is
+/// not registered, and behind a pooler it is not held back.
+#[test]
+fn copy_in_data_belongs_to_its_request() {
+    for pooled in [false, true] {
+        let handle = WireHandle::new();
+        if pooled {
+            handle.behind_transaction_pooler();
+        }
+        let shared = &*handle.0;
+        let mut writer = Writer::new();
+        let mut reader = Reader::new();
+        let mut to_server = BytesMut::new();
+        let mut to_client = BytesMut::new();
+        let startup_back = cat(&[be::auth(0), be::key_data(7, 7), be::ready(b'T')]);
+        writer
+            .process(&fe::startup(), &mut to_server, &mut reader, shared)
+            .unwrap();
+        reader
+            .process(&startup_back, &mut to_client, shared)
+            .unwrap();
+        let copy = cat(&[fe::bind("", "", &[]), fe::execute(""), fe::sync()]);
+        let data = cat(&[
+            typed(b'd', b"1\n"),
+            typed(b'd', b"2\n"),
+            typed(b'c', b""),
+            fe::sync(),
+        ]);
+        writer
+            .process(&copy, &mut to_server, &mut reader, shared)
+            .unwrap();
+        let copy_in_response = typed(b'G', &[0, 0, 1, 0, 0]);
+        let first = cat(&[be::bind_complete(), copy_in_response]);
+        reader.process(&first, &mut to_client, shared).unwrap();
+        writer
+            .process(&data, &mut to_server, &mut reader, shared)
+            .unwrap();
+        writer.idle_work(&mut to_server, &mut reader, shared);
+        assert_eq!(
+            writer.flushable(&to_server, &reader),
+            to_server.len(),
+            "pooled: {pooled}"
+        );
+        assert_eq!(handle.outstanding(), (1, 0), "one request: pooled {pooled}");
+        let last = cat(&[be::complete("COPY 2"), be::ready(b'T')]);
+        reader.process(&last, &mut to_client, shared).unwrap();
+        assert_eq!(to_server.to_vec(), cat(&[fe::startup(), copy, data]));
+        assert_eq!(to_client.to_vec(), cat(&[startup_back, first, last]));
+        assert_eq!(handle.outstanding(), (0, 0), "answered: pooled {pooled}");
+    }
+}
+
 #[test]
 fn pass_through_byte_by_byte() {
     let reqs = (0..6)

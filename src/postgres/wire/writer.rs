@@ -227,7 +227,18 @@ impl Writer {
             self.begin_body(head, false, out, reader, shared);
             return;
         }
-        if self.at_boundary {
+        if self.at_boundary
+            && matches!(
+                head.tag,
+                front::COPY_DATA | front::COPY_DONE | front::COPY_FAIL
+            )
+        {
+            // The data of a COPY FROM STDIN: the request before it goes on (the server
+            // ignores the Sync tokio-postgres sent after its Execute, and answers the one
+            // after CopyDone). Not a request of its own: nothing to register, nothing to
+            // wait for.
+            self.at_boundary = false;
+        } else if self.at_boundary {
             self.at_boundary = false;
             self.unnamed.request_boundary();
             if let Some(batch) = self.held.take() {
