@@ -920,24 +920,60 @@ proptest! {
     }
 }
 
+/// A writer and a reader past the start-up, driven by hand.
+struct Started {
+    handle: WireHandle,
+    writer: Writer,
+    reader: Reader,
+    to_server: BytesMut,
+    to_client: BytesMut,
+    /// What the server answered to the start-up.
+    startup_back: Vec<u8>,
+}
+
+impl Started {
+    /// Started, as behind a transaction pooler if `pooled`, the start-up's ReadyForQuery
+    /// saying `status`.
+    fn new(pooled: bool, status: u8) -> Self {
+        let handle = WireHandle::new();
+        if pooled {
+            handle.behind_transaction_pooler();
+        }
+        let (mut writer, mut reader) = (Writer::new(), Reader::new());
+        let (mut to_server, mut to_client) = (BytesMut::new(), BytesMut::new());
+        let startup_back = cat(&[be::auth(0), be::key_data(7, 7), be::ready(status)]);
+        writer
+            .process(&fe::startup(), &mut to_server, &mut reader, &handle.0)
+            .unwrap();
+        reader
+            .process(&startup_back, &mut to_client, &handle.0)
+            .unwrap();
+        Self {
+            handle,
+            writer,
+            reader,
+            to_server,
+            to_client,
+            startup_back,
+        }
+    }
+}
+
 /// Behind a transaction pooler, a request written while an earlier one awaits its
-/// ReadyForQuery is held back until that comes; a follower merged with its anchor is not.
+/// ReadyForQuery is held back until that comes, each in its turn, its place kept while
+/// the bytes before it drain. (A follower merged with its anchor is one request with it:
+/// the live PgBouncer tests run those.)
 #[test]
 fn behind_a_pooler_a_request_waits_for_the_one_before() {
-    let handle = WireHandle::new();
-    handle.behind_transaction_pooler();
+    let Started {
+        handle,
+        mut writer,
+        mut reader,
+        mut to_server,
+        mut to_client,
+        ..
+    } = Started::new(true, b'I');
     let shared = &*handle.0;
-    let mut writer = Writer::new();
-    let mut reader = Reader::new();
-    let mut to_server = BytesMut::new();
-    let mut to_client = BytesMut::new();
-    let startup_back = cat(&[be::auth(0), be::key_data(7, 7), be::ready(b'I')]);
-    writer
-        .process(&fe::startup(), &mut to_server, &mut reader, shared)
-        .unwrap();
-    reader
-        .process(&startup_back, &mut to_client, shared)
-        .unwrap();
     let started = to_server.len();
     let first = cat(&[fe::bind("", "", &[]), fe::execute(""), fe::sync()]);
     let second = fe::query("SELECT 2");
@@ -983,22 +1019,15 @@ fn behind_a_pooler_a_request_waits_for_the_one_before() {
 #[test]
 fn copy_in_data_belongs_to_its_request() {
     for pooled in [false, true] {
-        let handle = WireHandle::new();
-        if pooled {
-            handle.behind_transaction_pooler();
-        }
+        let Started {
+            handle,
+            mut writer,
+            mut reader,
+            mut to_server,
+            mut to_client,
+            startup_back,
+        } = Started::new(pooled, b'T');
         let shared = &*handle.0;
-        let mut writer = Writer::new();
-        let mut reader = Reader::new();
-        let mut to_server = BytesMut::new();
-        let mut to_client = BytesMut::new();
-        let startup_back = cat(&[be::auth(0), be::key_data(7, 7), be::ready(b'T')]);
-        writer
-            .process(&fe::startup(), &mut to_server, &mut reader, shared)
-            .unwrap();
-        reader
-            .process(&startup_back, &mut to_client, shared)
-            .unwrap();
         let copy = cat(&[fe::bind("", "", &[]), fe::execute(""), fe::sync()]);
         let data = cat(&[
             typed(b'd', b"1\n"),
