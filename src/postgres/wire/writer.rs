@@ -23,9 +23,9 @@ const MAX_STARTUP: usize = 10_000;
 struct Current {
     head: Head,
     remaining: usize,
-    /// The body collected whole, for a frame [`Unnamed`] rewrites; `None` when the body
-    /// streams through.
-    collected: Option<Vec<u8>>,
+    /// The body is collected whole (into [`Writer::body`]), for a frame [`Unnamed`]
+    /// rewrites; else it streams through.
+    collecting: bool,
 }
 
 /// A Bind or Parse frame held back (its start not yet flushable) until its first body
@@ -62,6 +62,8 @@ pub(crate) struct Writer {
     probe: Option<Probe>,
     /// The statements prepared by name, for a connection whose statements go unnamed.
     unnamed: Unnamed,
+    /// The body of the frame being collected; one buffer for every frame.
+    body: Vec<u8>,
     /// Room for the start of an anchor frame while a batch goes in front of it.
     scratch: Vec<u8>,
     /// Behind a transaction pooler: requests written while an earlier one awaited its
@@ -84,6 +86,7 @@ impl Writer {
             sync_after_query: false,
             probe: None,
             unnamed: Unnamed::default(),
+            body: Vec::new(),
             scratch: Vec::new(),
             gates: VecDeque::new(),
         }
@@ -154,9 +157,10 @@ impl Writer {
                 continue;
             };
             let n = cur.remaining.min(input.len());
-            match cur.collected.as_mut() {
-                Some(body) => body.extend_from_slice(&input[..n]),
-                None => out.put_slice(&input[..n]),
+            if cur.collecting {
+                self.body.extend_from_slice(&input[..n]);
+            } else {
+                out.put_slice(&input[..n]);
             }
             cur.remaining -= n;
             if let Some(probe) = self.probe.as_mut() {
@@ -284,10 +288,13 @@ impl Writer {
         reader: &mut Reader,
         shared: &Shared,
     ) {
+        if collect {
+            self.body.clear();
+        }
         self.current = Some(Current {
             head,
             remaining: head.body,
-            collected: collect.then(|| Vec::with_capacity(head.body)),
+            collecting: collect,
         });
         if self.probe.as_ref().is_some_and(|p| p.want == 0) {
             self.decide(out, reader, shared);
@@ -352,9 +359,9 @@ impl Writer {
             // A frame shorter than the anchor's decisive length.
             self.decide(out, reader, shared);
         }
-        if let Some(body) = cur.collected {
+        if cur.collecting {
             // After `decide`: the batch's statements go before the frame.
-            let added = self.unnamed.rewrite(cur.head.tag, &body, out);
+            let added = self.unnamed.rewrite(cur.head.tag, &self.body, out);
             reader.add_own_parses(added);
             return;
         }
