@@ -42,14 +42,10 @@ impl Unnamed {
         matches!(tag, front::PARSE | front::BIND | DESCRIBE | CLOSE)
     }
 
-    /// A request starts: the unnamed statement of the previous one may be on another
-    /// server connection by now.
-    pub(crate) fn request_boundary(&mut self) {
-        self.holds = None;
-    }
-
-    /// Statements of the pool's own (unnamed Parses) are written next.
-    pub(crate) fn unnamed_overwritten(&mut self) {
+    /// The server's unnamed statement may no longer hold the text last parsed into it:
+    /// a request starts (the previous one's may be on another server connection by now),
+    /// or statements of the pool's own, unnamed Parses among them, are written next.
+    pub(crate) fn forget_held(&mut self) {
         self.holds = None;
     }
 
@@ -206,15 +202,15 @@ mod tests {
         // tokio-postgres's prepare: Parse s7, Describe S s7 (Sync between requests).
         assert_eq!(u.rewrite(b'P', &parse_body("s7", "SELECT $1"), &mut out), 0);
         assert_eq!(u.rewrite(b'D', &target_body(b'S', "s7"), &mut out), 0);
-        u.request_boundary();
+        u.forget_held();
         // A later request binds it twice: one Parse added, before the first Bind.
         assert_eq!(u.rewrite(b'B', &bind_body("", "s7"), &mut out), 1);
         assert_eq!(u.rewrite(b'B', &bind_body("", "s7"), &mut out), 0);
-        u.request_boundary();
+        u.forget_held();
         // A Describe of it in a new request parses it first.
         assert_eq!(u.rewrite(b'D', &target_body(b'S', "s7"), &mut out), 1);
         assert_eq!(u.rewrite(b'C', &target_body(b'S', "s7"), &mut out), 0);
-        u.request_boundary();
+        u.forget_held();
         // Closed: a Bind of the name now goes as it came (the server refuses it).
         assert_eq!(u.rewrite(b'B', &bind_body("", "s7"), &mut out), 0);
         let got = frames(&out);
@@ -256,7 +252,7 @@ mod tests {
         let mut u = Unnamed::default();
         let mut out = BytesMut::new();
         u.rewrite(b'P', &parse_body("s1", "SELECT $1"), &mut out);
-        u.unnamed_overwritten();
+        u.forget_held();
         assert_eq!(u.rewrite(b'B', &bind_body("", "s1"), &mut out), 1);
         // A Parse of the unnamed statement by tokio-postgres replaces it, too.
         u.rewrite(b'P', &parse_body("", "SELECT 2"), &mut out);

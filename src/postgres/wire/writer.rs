@@ -244,7 +244,7 @@ impl Writer {
             self.at_boundary = false;
         } else if self.at_boundary {
             self.at_boundary = false;
-            self.unnamed.request_boundary();
+            self.unnamed.forget_held();
             if let Some(batch) = self.held.take() {
                 // The follower arrived: the held Sync is dropped for good.
                 self.resolve(batch, FOLLOWER_COMING, out, reader, shared);
@@ -335,7 +335,7 @@ impl Writer {
         out.put_slice(&batch.before);
         out.put_slice(&self.scratch);
         // They may parse the unnamed statement.
-        self.unnamed.unnamed_overwritten();
+        self.unnamed.forget_held();
         for _ in 0..batch.before_steps {
             reader.expects.push_back(Expect::Ours {
                 batch: batch.clone(),
