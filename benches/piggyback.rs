@@ -38,7 +38,10 @@
 //! `further_statement_{network}`: the cost of one more statement in a checkout already
 //! held (checkout, statement preparation and a first query are done before the clock
 //! starts): `deadpool_fast_held` (baseline), `ctxpool_transaction_scope_held`,
-//! `ctxpool_plain_held`.
+//! `ctxpool_plain_held`, and `limit_held`, the limit's request (the context statement
+//! and `LIST` under one Sync on the raw connection): what one more statement under a
+//! context costs at best. Its table of where the time went follows it, as for
+//! `piggyback`.
 //!
 //! # Reading it
 //! Variants are measured interleaved (see `support/interleave.rs`): rounds of 8 requests
@@ -78,11 +81,11 @@ fn cpu_ns(schedstat: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// A variant of the `piggyback` groups with where its time went: the bench thread's CPU
+/// A variant of a group with where its time went: the bench thread's CPU
 /// time (the client: every variant runs on this one thread) and its server backend's,
 /// summed over every timed batch.
-struct Measured {
-    request: Request,
+struct Measured<V> {
+    variant: V,
     /// The server process of the variant's one connection, when it can be asked.
     backend: Option<String>,
     wall: Duration,
@@ -91,14 +94,21 @@ struct Measured {
     requests: u64,
 }
 
-impl Measured {
-    async fn new(mut request: Request) -> Self {
-        let backend = request
+/// What a measured variant does: `n` requests timed together, and the process id of its
+/// one server connection where it can be asked.
+trait Variant {
+    async fn batch(&mut self, n: u64) -> Duration;
+    async fn backend_pid(&mut self) -> Option<i32>;
+}
+
+impl<V: Variant> Measured<V> {
+    async fn new(mut variant: V) -> Self {
+        let backend = variant
             .backend_pid()
             .await
             .map(|pid| format!("/proc/{pid}/schedstat"));
         Self {
-            request,
+            variant,
             backend,
             wall: Duration::ZERO,
             client_ns: 0,
@@ -111,7 +121,7 @@ impl Measured {
         const CLIENT: &str = "/proc/thread-self/schedstat";
         let server = self.backend.as_deref().map_or(0, cpu_ns);
         let client = cpu_ns(CLIENT);
-        let wall = self.request.batch(n).await;
+        let wall = self.variant.batch(n).await;
         self.client_ns += cpu_ns(CLIENT).saturating_sub(client);
         self.server_ns += self
             .backend
@@ -137,6 +147,21 @@ impl Measured {
             per(self.client_ns as f64),
         )
     }
+}
+
+/// The table of where each variant's time went: wall, client and server CPU per request.
+fn cpu_table<V: Variant, R>(inter: &mut Interleaver<Measured<V>, R>) -> String
+where
+    R: FnMut(&mut Measured<V>, u64) -> Duration,
+{
+    let mut cpu = String::from(
+        "| variant | wall per request | client CPU | server CPU |\n|---|---:|---:|---:|\n",
+    );
+    for (name, variant) in inter.variants_mut() {
+        cpu.push_str(&variant.row(name));
+        cpu.push('\n');
+    }
+    cpu
 }
 
 /// Requests of each variant per round.
@@ -257,44 +282,68 @@ impl Limit {
     }
 }
 
-impl Request {
-    /// The process id of the variant's one server connection (bb8 and sqlx: not asked).
+/// Asks a server connection for its process id.
+const PID_SQL: &str = "SELECT pg_catalog.pg_backend_pid()";
+
+impl Limit {
+    /// The process id of the raw connection's server backend.
     async fn backend_pid(&mut self) -> Option<i32> {
-        const PID: &str = "SELECT pg_catalog.pg_backend_pid()";
+        self.conn
+            .parse("pid", "SELECT pg_catalog.pg_backend_pid()::text", 0);
+        self.conn.bind_execute("pid", std::iter::empty());
+        let mut reply = self.conn.sync().await;
+        reply.pop()?.first()?.parse().ok()
+    }
+}
+
+/// The process id of a deadpool-postgres pool's one server connection.
+async fn deadpool_backend_pid(pool: &deadpool_postgres::Pool) -> Option<i32> {
+    pool.get()
+        .await
+        .ok()?
+        .query_one(PID_SQL, &[])
+        .await
+        .ok()?
+        .try_get(0)
+        .ok()
+}
+
+/// The process id of a ctxpool pool's one server connection.
+async fn ctxpool_backend_pid(pool: &Pool) -> Option<i32> {
+    pool.get()
+        .await
+        .ok()?
+        .query_one(PID_SQL, &[])
+        .await
+        .ok()?
+        .try_get(0)
+        .ok()
+}
+
+impl Variant for Request {
+    /// bb8 and sqlx: not asked.
+    async fn backend_pid(&mut self) -> Option<i32> {
         match self {
-            Self::Deadpool(pool) => Some(
-                pool.get()
-                    .await
-                    .ok()?
-                    .query_one(PID, &[])
-                    .await
-                    .ok()?
-                    .get(0),
-            ),
+            Self::Deadpool(pool) => deadpool_backend_pid(pool).await,
             Self::CtxpoolPlain(pool)
             | Self::CtxpoolAs(pool, _)
             | Self::CtxpoolSwitching(pool, ..)
-            | Self::Naive(pool, _) => Some(
-                pool.get()
-                    .await
-                    .ok()?
-                    .query_one(PID, &[])
-                    .await
-                    .ok()?
-                    .get(0),
-            ),
-            Self::Limit(limit) => {
-                limit
-                    .conn
-                    .parse("pid", "SELECT pg_catalog.pg_backend_pid()::text", 0);
-                limit.conn.bind_execute("pid", std::iter::empty());
-                let mut reply = limit.conn.sync().await;
-                reply.pop()?.first()?.parse().ok()
-            }
+            | Self::Naive(pool, _) => ctxpool_backend_pid(pool).await,
+            Self::Limit(limit) => limit.backend_pid().await,
             Self::Bb8(_) | Self::Sqlx(_) => None,
         }
     }
 
+    async fn batch(&mut self, n: u64) -> Duration {
+        let start = Instant::now();
+        for _ in 0..n {
+            black_box(self.run().await);
+        }
+        start.elapsed()
+    }
+}
+
+impl Request {
     /// One request; the names it read.
     async fn run(&mut self) -> Vec<String> {
         match self {
@@ -322,15 +371,6 @@ impl Request {
             Self::Limit(limit) => limit.request().await,
         }
     }
-
-    /// `n` requests, timed together.
-    async fn batch(&mut self, n: u64) -> Duration {
-        let start = Instant::now();
-        for _ in 0..n {
-            black_box(self.run().await);
-        }
-        start.elapsed()
-    }
 }
 
 /// Runs `query` once untimed (so a first-statement cost stays out), then `n` times, timed.
@@ -351,9 +391,12 @@ where
 enum Held {
     Deadpool(deadpool_postgres::Pool),
     Ctxpool(Pool, Option<SecurityContext>),
+    /// The context statement and `LIST` under one Sync on the raw connection: what one
+    /// more statement under a context costs at best.
+    Limit(Box<Limit>),
 }
 
-impl Held {
+impl Variant for Held {
     /// Checks out, prepares `LIST` and runs it once, then times `n` more runs of it.
     async fn batch(&mut self, n: u64) -> Duration {
         match self {
@@ -372,9 +415,27 @@ impl Held {
                 let (c, s) = (&c, &s);
                 timed(n, move || async move { c.query(s, &[]).await.unwrap() }).await
             }
+            Self::Limit(limit) => {
+                black_box(limit.request().await);
+                let start = Instant::now();
+                for _ in 0..n {
+                    black_box(limit.request().await);
+                }
+                start.elapsed()
+            }
         }
     }
 
+    async fn backend_pid(&mut self) -> Option<i32> {
+        match self {
+            Self::Deadpool(pool) => deadpool_backend_pid(pool).await,
+            Self::Ctxpool(pool, _) => ctxpool_backend_pid(pool).await,
+            Self::Limit(limit) => limit.backend_pid().await,
+        }
+    }
+}
+
+impl Held {
     /// The names one statement of a fresh checkout reads.
     async fn names(&mut self) -> Vec<String> {
         match self {
@@ -389,6 +450,7 @@ impl Held {
                 };
                 names(&c.query(LIST, &[]).await.unwrap())
             }
+            Self::Limit(limit) => limit.request().await,
         }
     }
 }
@@ -464,8 +526,10 @@ fn main() {
         let login = url(addr.port(), ALICE_LOGIN);
 
         // One request at a time.
-        let mut inter = Interleaver::new(BATCH, |v: &mut Measured, n| rt.block_on(v.batch(n)))
-            .fresh_per_call(short_run());
+        let mut inter = Interleaver::new(BATCH, |v: &mut Measured<Request>, n| {
+            rt.block_on(v.batch(n))
+        })
+        .fresh_per_call(short_run());
         let (bb8, sqlx, raw_fast, limit, limit_with_reset) = rt.block_on(async {
             (
                 bb8(&login, 1).await,
@@ -527,7 +591,7 @@ fn main() {
         // Every variant reads what it should, twice (the second on a reused connection).
         for (name, variant) in inter.variants_mut() {
             for turn in 0..2 {
-                let rows = rt.block_on(variant.request.run());
+                let rows = rt.block_on(variant.variant.run());
                 let want = match name {
                     "ctxpool_plain" => &expected.plain,
                     "ctxpool_session_switching" if turn == 0 => &expected.alice,
@@ -551,33 +615,37 @@ fn main() {
         }
         group.finish();
         tables.push((group_name, inter.table("deadpool_fast", Report::Latency)));
-        let mut cpu = String::from(
-            "| variant | wall per request | client CPU | server CPU |\n|---|---:|---:|---:|\n",
-        );
-        for (name, variant) in inter.variants_mut() {
-            cpu.push_str(&variant.row(name));
-            cpu.push('\n');
-        }
-        tables.push((format!("piggyback_{network}, where the time went"), cpu));
+        tables.push((
+            format!("piggyback_{network}, where the time went"),
+            cpu_table(&mut inter),
+        ));
         drop(inter);
 
         // One more statement in a held checkout.
-        let mut held = Interleaver::new(BATCH, |v: &mut Held, n| rt.block_on(v.batch(n)))
+        let mut held = Interleaver::new(BATCH, |v: &mut Measured<Held>, n| rt.block_on(v.batch(n)))
             .fresh_per_call(short_run());
-        held.add(
-            "deadpool_fast_held",
-            Held::Deadpool(deadpool(&login, RecyclingMethod::Fast, 1)),
-        );
-        held.add(
-            "ctxpool_transaction_scope_held",
-            Held::Ctxpool(pool(&app, ContextScope::Transaction, 1), Some(alice())),
-        );
-        held.add(
-            "ctxpool_plain_held",
-            Held::Ctxpool(pool(&app, ContextScope::Transaction, 1), None),
-        );
+        let held_limit = rt.block_on(Limit::new(addr, &expected.settings, false));
+        let variants = [
+            (
+                "deadpool_fast_held",
+                Held::Deadpool(deadpool(&login, RecyclingMethod::Fast, 1)),
+            ),
+            (
+                "ctxpool_transaction_scope_held",
+                Held::Ctxpool(pool(&app, ContextScope::Transaction, 1), Some(alice())),
+            ),
+            (
+                "ctxpool_plain_held",
+                Held::Ctxpool(pool(&app, ContextScope::Transaction, 1), None),
+            ),
+            ("limit_held", Held::Limit(Box::new(held_limit))),
+        ];
+        for (name, variant) in variants {
+            let measured = rt.block_on(Measured::new(variant));
+            held.add(name, measured);
+        }
         for (name, variant) in held.variants_mut() {
-            let rows = rt.block_on(variant.names());
+            let rows = rt.block_on(variant.variant.names());
             let want = if name == "ctxpool_plain_held" {
                 &expected.plain
             } else {
@@ -595,8 +663,12 @@ fn main() {
         }
         group.finish();
         tables.push((
-            group_name,
+            group_name.clone(),
             held.table("deadpool_fast_held", Report::Latency),
+        ));
+        tables.push((
+            format!("{group_name}, where the time went"),
+            cpu_table(&mut held),
         ));
     }
     c.final_summary();
