@@ -16,7 +16,11 @@
 //! and takes burst time / requests as that round's time per request. Criterion's figures
 //! are per request (its "throughput" is their inverse). The table printed at the end gives
 //! each subject's requests/s (median round) and the median, p25 and p75 of its per-round
-//! throughput ratio to `deadpool_fast` (below 1 is slower).
+//! throughput ratio to `deadpool_fast` (below 1 is slower). A second table says where the
+//! time went: how busy the host's cores were during each subject's bursts, and the CPU
+//! time per request, split into the bench process's (the client: the pool, tokio-postgres
+//! and their kernel work) and the rest of the host's (the server backends, mostly). When
+//! the cores are busy throughout, throughput is the inverse of that CPU time.
 //!
 //! `cargo bench --features peers --bench contention`; a smoke run with
 //! `CTXPOOL_BENCH_QUICK=1` (or criterion's `-- --quick`).
@@ -80,6 +84,87 @@ impl Subject {
     }
 }
 
+/// CPU time of this process's threads in nanoseconds (the first field of Linux's
+/// `schedstat` of each); 0 where it cannot be read.
+fn process_cpu_ns() -> u64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0;
+    };
+    tasks
+        .filter_map(|task| {
+            let stat = std::fs::read_to_string(task.ok()?.path().join("schedstat")).ok()?;
+            stat.split_whitespace().next()?.parse::<u64>().ok()
+        })
+        .sum()
+}
+
+/// The host's busy and total CPU time since boot, in clock ticks (the `cpu` line of
+/// `/proc/stat`; idle and iowait count as not busy); zeros where it cannot be read.
+fn host_ticks() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    let total: u64 = fields.iter().sum();
+    let idle = fields.get(3).copied().unwrap_or(0) + fields.get(4).copied().unwrap_or(0);
+    (total.saturating_sub(idle), total)
+}
+
+/// Nanoseconds per clock tick of `/proc/stat` (`USER_HZ`, 100 on Linux).
+const NS_PER_TICK: u64 = 10_000_000;
+
+/// A subject with where its time went, summed over every timed burst.
+struct Measured {
+    subject: Subject,
+    requests: u64,
+    client_ns: u64,
+    busy_ticks: u64,
+    total_ticks: u64,
+}
+
+impl Measured {
+    fn new(subject: Subject) -> Self {
+        Self {
+            subject,
+            requests: 0,
+            client_ns: 0,
+            busy_ticks: 0,
+            total_ticks: 0,
+        }
+    }
+
+    fn burst(&mut self, rt: &tokio::runtime::Runtime, n: u64) -> Duration {
+        let (busy, total) = host_ticks();
+        let client = process_cpu_ns();
+        let wall = rt.block_on(self.subject.burst(n));
+        let (busy_after, total_after) = host_ticks();
+        self.client_ns += process_cpu_ns().saturating_sub(client);
+        self.busy_ticks += busy_after.saturating_sub(busy);
+        self.total_ticks += total_after.saturating_sub(total);
+        self.requests += n.div_ceil(TASKS) * TASKS;
+        wall
+    }
+
+    /// One row of the CPU table.
+    fn row(&self, name: &str) -> String {
+        let per = |ns: f64| ns / 1000.0 / self.requests.max(1) as f64;
+        let host = (self.busy_ticks * NS_PER_TICK) as f64;
+        format!(
+            "| {name} | {:.0} % | {:.1} µs | {:.1} µs | {:.1} µs |",
+            100.0 * self.busy_ticks as f64 / self.total_ticks.max(1) as f64,
+            per(host),
+            per(self.client_ns as f64),
+            per((host - self.client_ns as f64).max(0.0)),
+        )
+    }
+}
+
 fn main() {
     let mut c = criterion();
     let cluster = cluster();
@@ -125,18 +210,24 @@ fn main() {
         ),
     ];
 
-    let mut inter = Interleaver::new(TASKS * PER_TASK, |s: &mut Subject, n| {
-        rt.block_on(s.burst(n))
-    })
-    .fresh_per_call(short_run());
+    let mut inter = Interleaver::new(TASKS * PER_TASK, |s: &mut Measured, n| s.burst(&rt, n))
+        .fresh_per_call(short_run());
     for (name, subject) in subjects {
-        inter.add(name, subject);
+        inter.add(name, Measured::new(subject));
     }
     // Every subject with alice's context reads her rows; ctxpool_plain reads none.
-    let alice_rows = rt.block_on(inter.variants_mut().next().expect("a baseline").1.request());
+    let alice_rows = rt.block_on(
+        inter
+            .variants_mut()
+            .next()
+            .expect("a baseline")
+            .1
+            .subject
+            .request(),
+    );
     assert!(!alice_rows.is_empty(), "the baseline sees alice's rows");
     for (name, subject) in inter.variants_mut() {
-        let rows = rt.block_on(subject.request());
+        let rows = rt.block_on(subject.subject.request());
         if name == "ctxpool_plain" {
             assert_ne!(rows, alice_rows, "{name} has no context");
         } else {
@@ -159,11 +250,20 @@ fn main() {
         "\n### {group_name}\n\n{}",
         inter.table("deadpool_fast", Report::Throughput)
     );
+    let mut cpu = String::from(
+        "| variant | host busy | CPU per request | client | server and rest |\n\
+         |---|---:|---:|---:|---:|\n",
+    );
+    for (name, measured) in inter.variants_mut() {
+        cpu.push_str(&measured.row(name));
+        cpu.push('\n');
+    }
+    println!("\n### {group_name}, where the time went\n\n{cpu}");
 
     // How often, on this multi-thread runtime, a context statement and its user statement
     // reached the wire apart (the Sync held until the second came) or not together at
     // all (the Sync kept): summed over the pool's connections.
-    let ctx_pool = inter.variants_mut().find_map(|(_, s)| match s {
+    let ctx_pool = inter.variants_mut().find_map(|(_, s)| match &s.subject {
         Subject::CtxpoolAs(p, _) => Some(p.clone()),
         _ => None,
     });
