@@ -54,6 +54,8 @@
 //! `cargo bench --features peers --bench piggyback`; a smoke run with
 //! `CTXPOOL_BENCH_QUICK=1` (or criterion's `-- --quick`).
 
+#[path = "support/limit.rs"]
+mod limit;
 #[path = "support/raw.rs"]
 mod raw;
 mod support;
@@ -66,7 +68,7 @@ use ctxpool::SecurityContext;
 use ctxpool::postgres::{ContextScope, Pool};
 use ctxpool_testkit::FlightProxy;
 use deadpool_postgres::RecyclingMethod;
-use raw::RawConn;
+use limit::{Limit, PID_SQL};
 use support::interleave::{Interleaver, Report};
 use support::*;
 use tokio::runtime::Runtime;
@@ -167,13 +169,6 @@ where
 /// Requests of each variant per round.
 const BATCH: u64 = 8;
 
-/// The transaction-local context statement of the limit: ctxpool's, for two attributes.
-const CONTEXT_SQL: &str = "SELECT pg_catalog.set_config('role', $1, true), \
-     pg_catalog.set_config('ctxpool.end_user', $2, true), \
-     pg_catalog.set_config('ctxpool.data_roles', $3, true), \
-     pg_catalog.set_config('ctxpool.attributes', $4, true), \
-     pg_catalog.set_config($5, $6, true), pg_catalog.set_config($7, $8, true)";
-
 /// The session-wide context of `naive`, set by an awaited statement of its own.
 const NAIVE_SET_SQL: &str = "SELECT set_config('role', $1, false), \
      set_config('ctxpool.end_user', $2, false), \
@@ -184,22 +179,6 @@ const NAIVE_SET_SQL: &str = "SELECT set_config('role', $1, false), \
 /// … and undone by another.
 const NAIVE_RESET_SQL: &str = "RESET ROLE; RESET ctxpool.end_user; RESET ctxpool.data_roles; \
      RESET ctxpool.attributes; RESET \"hr.hcm_context.emp_id\"; RESET \"hr.hcm_context.org_id\"";
-
-/// ctxpool's session reset on a direct connection whose session authorization is
-/// unchanged, one prepared statement each: its check (role, advisory locks, SQL prepared
-/// statements), then the rest in a transaction block.
-const RESET_SQL: [&str; 8] = [
-    "SELECT pg_catalog.set_config('role', NULL, false), pg_catalog.pg_advisory_unlock_all(), \
-     (SELECT ('dirty' || pg_catalog.left(name, 0))::int \
-     FROM pg_catalog.pg_prepared_statements WHERE from_sql LIMIT 1)",
-    "BEGIN",
-    "RESET ALL",
-    "CLOSE ALL",
-    "UNLISTEN *",
-    "DISCARD TEMP",
-    "DISCARD SEQUENCES",
-    "COMMIT",
-];
 
 type Bb8Pool = bb8::Pool<bb8_postgres::PostgresConnectionManager<tokio_postgres::NoTls>>;
 
@@ -213,87 +192,6 @@ enum Request {
     CtxpoolSwitching(Pool, [SecurityContext; 2], usize),
     Naive(Pool, Vec<String>),
     Limit(Box<Limit>),
-}
-
-/// The raw connection of the limit and the parameters of its context statement (none for
-/// `raw_fast`, whose login holds the context).
-struct Limit {
-    conn: RawConn,
-    params: Option<Vec<Vec<u8>>>,
-    reset: bool,
-}
-
-impl Limit {
-    async fn new(addr: SocketAddr, settings: &ContextSettings, reset: bool) -> Self {
-        let mut conn = RawConn::connect(addr, "hr_app", "hr").await;
-        let params: Vec<Vec<u8>> = settings
-            .statement_params()
-            .into_iter()
-            .map(String::into_bytes)
-            .collect();
-        conn.parse("ctx", CONTEXT_SQL, params.len());
-        conn.parse("list", LIST, 0);
-        for (i, sql) in RESET_SQL.iter().enumerate() {
-            conn.parse(&format!("reset{i}"), sql, 0);
-        }
-        conn.sync().await;
-        Self {
-            conn,
-            params: Some(params),
-            reset,
-        }
-    }
-
-    /// `raw_fast`: the baseline's query on the baseline's login through the limit's raw
-    /// client, so that the client library's share of every other figure shows.
-    async fn raw_fast(addr: SocketAddr) -> Self {
-        let mut conn = RawConn::connect(addr, ALICE_LOGIN, "hr").await;
-        conn.parse("list", LIST, 0);
-        conn.sync().await;
-        Self {
-            conn,
-            params: None,
-            reset: false,
-        }
-    }
-
-    /// (The reset,) the context and `LIST` under one Sync; the rows of `LIST`.
-    async fn request(&mut self) -> Vec<String> {
-        if self.reset {
-            for i in 0..RESET_SQL.len() {
-                self.conn
-                    .bind_execute(&format!("reset{i}"), std::iter::empty());
-            }
-        }
-        if let Some(params) = &self.params {
-            self.conn
-                .bind_execute("ctx", params.iter().map(Vec::as_slice));
-        }
-        self.conn.bind_execute("list", std::iter::empty());
-        let mut reply = self.conn.sync().await;
-        let expected =
-            usize::from(self.params.is_some()) + if self.reset { RESET_SQL.len() + 1 } else { 1 };
-        assert_eq!(reply.len(), expected, "one completion per statement");
-        if self.params.is_some() {
-            // The context statement answers one row.
-            assert_eq!(reply[expected - 2].len(), 1);
-        }
-        reply.pop().unwrap_or_default()
-    }
-}
-
-/// Asks a server connection for its process id.
-const PID_SQL: &str = "SELECT pg_catalog.pg_backend_pid()";
-
-impl Limit {
-    /// The process id of the raw connection's server backend.
-    async fn backend_pid(&mut self) -> Option<i32> {
-        self.conn
-            .parse("pid", "SELECT pg_catalog.pg_backend_pid()::text", 0);
-        self.conn.bind_execute("pid", std::iter::empty());
-        let mut reply = self.conn.sync().await;
-        reply.pop()?.first()?.parse().ok()
-    }
 }
 
 /// The process id of a deadpool-postgres pool's one server connection.

@@ -366,6 +366,43 @@ impl PgCluster {
         self.pg_ctl("start", &["-l"], true)
     }
 
+    /// Starts the server again after [`stop`](Self::stop), on the same port, with every
+    /// server process run under `wrapper`: the command and its arguments, to which the
+    /// `postgres` executable and its own arguments are appended (for example
+    /// `["valgrind", "--tool=callgrind", "--callgrind-out-file=…/callgrind.%p"]`; the
+    /// backends are forked, so a tool that follows forks sees each of them). Returns once
+    /// the server accepts connections, which under such a tool takes a while.
+    ///
+    /// # Errors
+    /// [`ClusterError::Io`] if the wrapper script cannot be written,
+    /// [`ClusterError::Command`] if `pg_ctl` fails.
+    pub fn resume_wrapped(&self, wrapper: &[&str]) -> Result<(), ClusterError> {
+        let postgres = self.bin.pg_ctl.with_file_name("postgres");
+        let quote = |s: &str| format!("'{}'", s.replace('\'', r"'\''"));
+        let mut script = String::from("#!/bin/sh\n# Written by ctxpool's test harness.\nexec");
+        for word in wrapper
+            .iter()
+            .copied()
+            .chain([postgres.to_string_lossy().as_ref()])
+        {
+            script.push(' ');
+            script.push_str(&quote(word));
+        }
+        script.push_str(" \"$@\"\n");
+        let path = self.dir.path.join("postgres-wrapped");
+        write_file(&path, &script, self.run_as)?;
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o755))
+            .map_err(|e| ClusterError::io(format!("chmod {}", path.display()), e))?;
+        let path = path.to_string_lossy().into_owned();
+        self.pg_ctl("start", &["-p", &path, "-l"], true)
+    }
+
+    /// The cluster's temporary directory (its data directory is `data` inside it); the
+    /// server's OS user may write there.
+    pub fn dir(&self) -> &Path {
+        &self.dir.path
+    }
+
     /// Runs the script `sql` in database `dbname` as the superuser, with
     /// `psql -X -q -At -v ON_ERROR_STOP=1`, and returns its standard output: one line per
     /// row, columns separated by `|`, no headers or command tags. The script is sent on
