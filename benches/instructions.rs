@@ -19,11 +19,17 @@
 //! - one request = one checkout and `LIST`: `deadpool_fast` (the baseline),
 //!   `deadpool_clean`, `ctxpool_plain`, `ctxpool_transaction_scope`,
 //!   `ctxpool_session_scope`; and on the bare client, no pool: `raw_fast`, `limit`
-//!   (context statement and `LIST` under one Sync), `limit_with_reset`;
+//!   (context statement and `LIST` under one Sync), `limit_with_reset`, and the reset's
+//!   parts each alone in front of the limit's statements: `limit_with_check` (the check
+//!   that opens the reset), `limit_with_check_unscanned` (the same without its scan of
+//!   `pg_prepared_statements`), `limit_with_block` (`BEGIN`, the five statements,
+//!   `COMMIT`) and `limit_with_select_1` (`SELECT 1`: what any statement costs);
 //! - one more statement in a checkout already held: `deadpool_fast_held`,
 //!   `ctxpool_transaction_scope_held`, `ctxpool_plain_held` (for which `limit` is the
 //!   limit: the bare client has no checkout).
 
+// Shared with the piggyback bench, which builds its limits with `Limit::new`.
+#[allow(dead_code)]
 #[path = "support/limit.rs"]
 mod limit;
 #[path = "support/raw.rs"]
@@ -40,7 +46,7 @@ use std::time::{Duration, Instant};
 
 use ctxpool::postgres::ContextScope;
 use deadpool_postgres::RecyclingMethod;
-use limit::{Limit, PID_SQL};
+use limit::{Limit, PID_SQL, RESET_SQL};
 use support::*;
 
 /// Requests of the shorter run of each variant.
@@ -50,7 +56,11 @@ const LONG: u64 = 1000;
 /// How long a backend may take to write its count once its client has gone.
 const DUMP_TIMEOUT: Duration = Duration::from_secs(120);
 
-const VARIANTS: [&str; 11] = [
+/// The reset's check without its scan of `pg_prepared_statements`.
+const CHECK_UNSCANNED_SQL: &str =
+    "SELECT pg_catalog.set_config('role', NULL, false), pg_catalog.pg_advisory_unlock_all()";
+
+const VARIANTS: [&str; 15] = [
     "deadpool_fast",
     "deadpool_clean",
     "ctxpool_plain",
@@ -59,6 +69,10 @@ const VARIANTS: [&str; 11] = [
     "raw_fast",
     "limit",
     "limit_with_reset",
+    "limit_with_check",
+    "limit_with_check_unscanned",
+    "limit_with_block",
+    "limit_with_select_1",
     "deadpool_fast_held",
     "ctxpool_transaction_scope_held",
     "ctxpool_plain_held",
@@ -271,7 +285,7 @@ fn client(variant: &str, requests: u64, port: u16) {
                     }
                 }
             }
-            "raw_fast" | "limit" | "limit_with_reset" => {
+            _ if variant == "raw_fast" || variant.starts_with("limit") => {
                 let mut limit = if variant == "raw_fast" {
                     Limit::raw_fast(addr).await
                 } else {
@@ -279,7 +293,26 @@ fn client(variant: &str, requests: u64, port: u16) {
                     let c = probe.acquire_as(&alice()).await.unwrap();
                     let settings =
                         ContextSettings::from_row(&c.query_one(SETTINGS_SQL, &[]).await.unwrap());
-                    Limit::new(addr, &settings, variant == "limit_with_reset").await
+                    // Every variant with a part of the reset holds the reset's statements
+                    // (and the stand-in it sends, if any), so that the scan builds the
+                    // same rows as under limit_with_reset.
+                    let with = |extra: &'static str| {
+                        let mut statements = RESET_SQL.to_vec();
+                        statements.push(extra);
+                        statements
+                    };
+                    let (statements, sent): (Vec<&str>, Vec<usize>) = match variant {
+                        "limit" => (RESET_SQL.to_vec(), vec![]),
+                        "limit_with_reset" => (RESET_SQL.to_vec(), (0..RESET_SQL.len()).collect()),
+                        "limit_with_check" => (RESET_SQL.to_vec(), vec![0]),
+                        "limit_with_block" => (RESET_SQL.to_vec(), (1..RESET_SQL.len()).collect()),
+                        "limit_with_check_unscanned" => {
+                            (with(CHECK_UNSCANNED_SQL), vec![RESET_SQL.len()])
+                        }
+                        "limit_with_select_1" => (with("SELECT 1"), vec![RESET_SQL.len()]),
+                        other => panic!("no variant {other}"),
+                    };
+                    Limit::with_parts(addr, &settings, &statements, &sent).await
                 };
                 let pid = limit.backend_pid().await.unwrap();
                 println!("{pid}");

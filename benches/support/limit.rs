@@ -30,12 +30,13 @@ pub const RESET_SQL: [&str; 8] = [
     "COMMIT",
 ];
 
-/// The raw connection of the limit and the parameters of its context statement (none for
-/// `raw_fast`, whose login holds the context).
+/// The raw connection of the limit, the parameters of its context statement (none for
+/// `raw_fast`, whose login holds the context) and the statements sent in front of it.
 pub struct Limit {
     conn: RawConn,
     params: Option<Vec<Vec<u8>>>,
-    reset: bool,
+    /// The names of the statements sent in front of the context statement.
+    sent: Vec<String>,
 }
 
 /// Asks a server connection for its process id.
@@ -46,6 +47,23 @@ impl Limit {
     /// statements of) the reset prepared once; each request sends the reset first when
     /// `reset`.
     pub async fn new(addr: SocketAddr, settings: &ContextSettings, reset: bool) -> Self {
+        let sent: Vec<usize> = if reset {
+            (0..RESET_SQL.len()).collect()
+        } else {
+            Vec::new()
+        };
+        Self::with_parts(addr, settings, &RESET_SQL, &sent).await
+    }
+
+    /// [`new`](Self::new) with `statements` prepared instead of the reset's, of which those
+    /// at the indices `sent` go in front of the context statement: for weighing the
+    /// reset's parts in a session that holds the same statements.
+    pub async fn with_parts(
+        addr: SocketAddr,
+        settings: &ContextSettings,
+        statements: &[&str],
+        sent: &[usize],
+    ) -> Self {
         let mut conn = RawConn::connect(addr, "hr_app", "hr").await;
         let params: Vec<Vec<u8>> = settings
             .statement_params()
@@ -54,14 +72,14 @@ impl Limit {
             .collect();
         conn.parse("ctx", CONTEXT_SQL, params.len());
         conn.parse("list", LIST, 0);
-        for (i, sql) in RESET_SQL.iter().enumerate() {
-            conn.parse(&format!("reset{i}"), sql, 0);
+        for (i, sql) in statements.iter().enumerate() {
+            conn.parse(&format!("prefix{i}"), sql, 0);
         }
         conn.sync().await;
         Self {
             conn,
             params: Some(params),
-            reset,
+            sent: sent.iter().map(|i| format!("prefix{i}")).collect(),
         }
     }
 
@@ -74,17 +92,14 @@ impl Limit {
         Self {
             conn,
             params: None,
-            reset: false,
+            sent: Vec::new(),
         }
     }
 
     /// (The reset,) the context and `LIST` under one Sync; the rows of `LIST`.
     pub async fn request(&mut self) -> Vec<String> {
-        if self.reset {
-            for i in 0..RESET_SQL.len() {
-                self.conn
-                    .bind_execute(&format!("reset{i}"), std::iter::empty());
-            }
+        for name in &self.sent {
+            self.conn.bind_execute(name, std::iter::empty());
         }
         if let Some(params) = &self.params {
             self.conn
@@ -92,8 +107,7 @@ impl Limit {
         }
         self.conn.bind_execute("list", std::iter::empty());
         let mut reply = self.conn.sync().await;
-        let expected =
-            usize::from(self.params.is_some()) + if self.reset { RESET_SQL.len() + 1 } else { 1 };
+        let expected = usize::from(self.params.is_some()) + self.sent.len() + 1;
         assert_eq!(reply.len(), expected, "one completion per statement");
         if self.params.is_some() {
             // The context statement answers one row.
