@@ -194,28 +194,23 @@ enum Request {
     Limit(Box<Limit>),
 }
 
+/// The process id a [`PID_SQL`] query answered.
+async fn pid_of(
+    row: impl std::future::Future<Output = Result<tokio_postgres::Row, tokio_postgres::Error>>,
+) -> Option<i32> {
+    row.await.ok()?.try_get(0).ok()
+}
+
 /// The process id of a deadpool-postgres pool's one server connection.
 async fn deadpool_backend_pid(pool: &deadpool_postgres::Pool) -> Option<i32> {
-    pool.get()
-        .await
-        .ok()?
-        .query_one(PID_SQL, &[])
-        .await
-        .ok()?
-        .try_get(0)
-        .ok()
+    let c = pool.get().await.ok()?;
+    pid_of(c.query_one(PID_SQL, &[])).await
 }
 
 /// The process id of a ctxpool pool's one server connection.
 async fn ctxpool_backend_pid(pool: &Pool) -> Option<i32> {
-    pool.get()
-        .await
-        .ok()?
-        .query_one(PID_SQL, &[])
-        .await
-        .ok()?
-        .try_get(0)
-        .ok()
+    let c = pool.get().await.ok()?;
+    pid_of(c.query_one(PID_SQL, &[])).await
 }
 
 impl Variant for Request {
