@@ -27,11 +27,13 @@ use super::wire::TxStatus;
 /// here, and each carries the context, so no call path can bypass it. The methods mirror
 /// tokio-postgres's; see [`super`] for how each context scope travels on the wire.
 pub struct ClientWrapper {
-    client: Client,
+    // The client and the session are boxed: deadpool moves a pooled object a dozen times
+    // per checkout and return, and two pointers move cheaper than their 440 bytes.
+    client: Box<Client>,
     conn_task: JoinHandle<()>,
     /// Statements prepared by [`prepare_cached`](Self::prepare_cached).
     pub statement_cache: Arc<StatementCache>,
-    session: Session,
+    session: Box<Session>,
     desired: Option<Arc<Mapped>>,
     /// Operations started and not finished. A future dropped mid-flight leaves it above
     /// zero, and the connection is discarded at release.
@@ -57,10 +59,10 @@ impl fmt::Debug for ClientWrapper {
 impl ClientWrapper {
     pub(crate) fn new(client: Client, conn_task: JoinHandle<()>, session: Session) -> Self {
         Self {
-            client,
+            client: Box::new(client),
             conn_task,
             statement_cache: Arc::new(StatementCache::default()),
-            session,
+            session: Box::new(session),
             desired: None,
             in_flight: AtomicUsize::new(0),
             streams_until: AtomicU64::new(0),
