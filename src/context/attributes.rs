@@ -100,6 +100,25 @@ impl Attributes {
         &self.0
     }
 
+    /// Visits every attribute as its `schema.context` key, its name and its value: the
+    /// parts of [`flattened`](Self::flattened), for a caller that writes them into a
+    /// buffer of its own.
+    pub(crate) fn each_flattened(&self, mut visit: impl FnMut(&str, &str, &Value)) {
+        for (key, context) in &self.0 {
+            for (attribute, value) in context.as_object().into_iter().flatten() {
+                visit(key, attribute, value);
+            }
+        }
+    }
+
+    /// How many attributes [`flattened`](Self::flattened) yields.
+    pub(crate) fn flattened_len(&self) -> usize {
+        self.0
+            .values()
+            .map(|context| context.as_object().map_or(0, Map::len))
+            .sum()
+    }
+
     /// Every attribute as `("schema.context.attribute", text)`: strings as they are,
     /// numbers and booleans in their JSON spelling. This is the shape settings-based
     /// backends (PostgreSQL) expose to policies.

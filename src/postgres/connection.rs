@@ -42,7 +42,9 @@ use parking_lot::Mutex;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, Error, Statement};
 
-use super::mapping::{self, ContextConfig, ContextScope, MAX_FLAT, Mapped, SYNC_ANY_SQL};
+use super::mapping::{
+    self, ContextConfig, ContextScope, FLAT_NAMES, MAX_FLAT, Mapped, SYNC_ANY_SQL,
+};
 use super::wire::{Anchor, Batch, Statements, TxStatus, WireHandle};
 use crate::backend::DiscardReason;
 
@@ -111,8 +113,8 @@ struct Named {
 /// since every statement a session holds is one more row for each reset's scan of
 /// `pg_prepared_statements` to build, and a connection seldom needs more than one count.
 struct FlatStatement {
-    /// The name the layer prepares it under.
-    name: String,
+    /// The name the layer prepares it under ([`FLAT_NAMES`]).
+    name: &'static str,
     sql: String,
     /// The parameter type OIDs.
     types: Vec<u32>,
@@ -154,7 +156,7 @@ impl PoolStatements {
     pub(crate) async fn prepare(client: &Client, wire: &WireHandle) -> Result<Option<Self>, Error> {
         let flat = (0..=MAX_FLAT)
             .map(|n| FlatStatement {
-                name: format!("ctxpool_context_{n}"),
+                name: FLAT_NAMES.get(n).copied().unwrap_or_default(),
                 sql: mapping::sync_sql(n),
                 types: mapping::sync_types(n).iter().map(Type::oid).collect(),
             })
@@ -283,8 +285,6 @@ enum Step<'a> {
     Prepared(&'a str),
     /// Sent as text, parsed unnamed.
     Text(&'a str),
-    /// Prepared under this name, bound to these text parameters.
-    Bound(&'a str, Vec<&'a str>),
     /// Statements encoded once.
     Encoded(&'a Statements),
     /// Closed and prepared here under this name from this text and these parameter type
@@ -302,7 +302,6 @@ impl Step<'_> {
         match self {
             Self::Prepared(name) => FIXED + name.len(),
             Self::Text(sql) => FIXED + sql.len(),
-            Self::Bound(name, p) => FIXED + name.len() + params(p),
             Self::Encoded(statements) => statements.len(),
             Self::ParsedBound(name, sql, types, p) => {
                 2 * FIXED + 3 * name.len() + sql.len() + 4 * types.len() + params(p)
@@ -320,7 +319,6 @@ fn statements(steps: &[Step<'_>]) -> Statements {
         match step {
             Step::Prepared(name) => out.push_prepared(name),
             Step::Text(sql) => out.push(sql),
-            Step::Bound(name, params) => out.push_bound(name, params.iter().copied()),
             Step::Encoded(statements) => out.push_all(statements),
             Step::ParsedBound(name, sql, types, params) => {
                 out.push_parsed_bound(name, sql, types, params.iter().copied());
@@ -468,13 +466,13 @@ impl Session {
                 let count = mapped.attribute_count();
                 match (s.flat.get(count), st.flat_prepared.get(count)) {
                     (Some(flat), Some(&prepared)) => {
-                        let params = mapped.flat_text_params(*local);
-                        Some(if prepared {
-                            Step::Bound(&flat.name, params)
+                        if prepared {
+                            mapped.flat_bind(*local).map(Step::Encoded)
                         } else {
                             prepares_flat = Some(count);
-                            Step::ParsedBound(&flat.name, &flat.sql, &flat.types, params)
-                        })
+                            let params = mapped.flat_text_params(*local);
+                            Some(Step::ParsedBound(flat.name, &flat.sql, &flat.types, params))
+                        }
                     }
                     _ => None,
                 }
@@ -696,18 +694,16 @@ impl Session {
         match (&self.statements, carrier) {
             (Some(s), Carrier::Context { mapped, local }) => {
                 let local = if *local { &LOCAL } else { &SESSION };
-                client
-                    .execute(&s.any.statement, &mapped.any_params(local))
-                    .await?;
+                let params = mapped.any_params(local);
+                client.execute(&s.any.statement, &params.refs()).await?;
             }
             (Some(s), Carrier::Commit) => {
                 client.execute(&s.commit.statement, &[]).await?;
             }
             (None, Carrier::Context { mapped, local }) => {
                 let local = if *local { &LOCAL } else { &SESSION };
-                client
-                    .query_typed(SYNC_ANY_SQL, &mapped.typed_any_params(local))
-                    .await?;
+                let params = mapped.any_params(local);
+                client.query_typed(SYNC_ANY_SQL, &params.typed()).await?;
             }
             (None, Carrier::Commit) => {
                 let none: &[(&(dyn ToSql + Sync), Type)] = &[];

@@ -16,12 +16,13 @@
 
 use std::collections::BTreeSet;
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use secrecy::ExposeSecret;
 use serde::{Deserialize, Serialize};
 use tokio_postgres::types::{ToSql, Type};
 
+use super::wire::Statements;
 use crate::context::SecurityContext;
 
 /// When the context is applied, and for how long.
@@ -166,19 +167,102 @@ pub enum MappingError {
 /// A context mapped onto a session: everything a statement binds, computed once.
 pub(crate) struct Mapped {
     pub(crate) context: SecurityContext,
-    role: String,
-    end_user: String,
-    data_roles: String,
-    attributes: String,
-    names: Vec<String>,
-    values: Vec<String>,
+    /// The values the context statement binds, back to back: the role, the end user, the
+    /// data roles and the attributes as JSON, then each flattened attribute's name and
+    /// value. One buffer, so that mapping a context costs a few allocations, not two per
+    /// attribute: it runs at every `acquire_as`.
+    text: String,
+    /// Where each value of [`text`](Self::text) ends, in that order.
+    ends: Vec<usize>,
+    /// The Bind and Execute of the prepared flat context statement for these values,
+    /// session-wide (`[0]`) and transaction-local (`[1]`), encoded at first use: every
+    /// statement of a checkout in transaction scope sends the same frames.
+    flat_binds: [OnceLock<Statements>; 2],
+}
+
+/// The index in [`Mapped`]'s values of the role, the end user, the data roles, the
+/// attributes as JSON, and the first flattened attribute's name.
+const ROLE: usize = 0;
+const END_USER: usize = 1;
+const DATA_ROLES: usize = 2;
+const ATTRIBUTES: usize = 3;
+const FIRST_ATTRIBUTE: usize = 4;
+
+/// Builds a [`Mapped`]'s values.
+struct Values {
+    text: String,
+    ends: Vec<usize>,
+    /// Where JSON is written before it joins `text` (`serde_json` writes bytes).
+    json: Vec<u8>,
+}
+
+impl Values {
+    fn with_attributes(attributes: usize, text_capacity: usize) -> Self {
+        Self {
+            text: String::with_capacity(text_capacity),
+            ends: Vec::with_capacity(FIRST_ATTRIBUTE + 2 * attributes),
+            json: Vec::with_capacity(128),
+        }
+    }
+
+    /// Ends the value written since the last end.
+    fn end(&mut self) {
+        self.ends.push(self.text.len());
+    }
+
+    fn push(&mut self, value: &str) {
+        self.text.push_str(value);
+        self.end();
+    }
+
+    /// Writes `value` as compact JSON.
+    fn push_json<T: serde::Serialize + ?Sized>(&mut self, value: &T) {
+        self.json.clear();
+        // Strings and validated JSON always serialize, as UTF-8; nothing is written if
+        // not.
+        if serde_json::to_writer(&mut self.json, value).is_ok() {
+            if let Ok(json) = std::str::from_utf8(&self.json) {
+                self.text.push_str(json);
+            }
+        }
+        self.end();
+    }
+}
+
+/// The parameters of [`SYNC_ANY_SQL`] for one mapping; [`refs`](Self::refs) lends them
+/// to tokio-postgres.
+pub(crate) struct AnyParams<'a> {
+    scalars: [&'a str; 4],
+    names: Vec<&'a str>,
+    values: Vec<&'a str>,
+    local: &'static bool,
+}
+
+impl AnyParams<'_> {
+    /// The seven parameters, in order.
+    pub(crate) fn refs(&self) -> [&(dyn ToSql + Sync); 7] {
+        [
+            &self.scalars[0],
+            &self.scalars[1],
+            &self.scalars[2],
+            &self.scalars[3],
+            &self.names,
+            &self.values,
+            self.local,
+        ]
+    }
+
+    /// [`refs`](Self::refs) with their types, for an unnamed statement.
+    pub(crate) fn typed(&self) -> Vec<(&(dyn ToSql + Sync), Type)> {
+        self.refs().into_iter().zip(SYNC_ANY_TYPES).collect()
+    }
 }
 
 impl fmt::Debug for Mapped {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Mapped")
-            .field("role", &self.role)
-            .field("end_user", &self.end_user)
+            .field("role", &self.value(ROLE))
+            .field("end_user", &self.value(END_USER))
             .finish_non_exhaustive()
     }
 }
@@ -186,6 +270,18 @@ impl fmt::Debug for Mapped {
 /// Contexts with at most this many flattened attributes use a statement with one
 /// `set_config` per attribute; larger ones use [`SYNC_ANY_SQL`].
 pub(crate) const MAX_FLAT: usize = 6;
+
+/// The name the flat context statement ([`sync_sql`]) of each attribute count is
+/// prepared under, the same on every connection.
+pub(crate) const FLAT_NAMES: [&str; MAX_FLAT + 1] = [
+    "ctxpool_context_0",
+    "ctxpool_context_1",
+    "ctxpool_context_2",
+    "ctxpool_context_3",
+    "ctxpool_context_4",
+    "ctxpool_context_5",
+    "ctxpool_context_6",
+];
 
 /// The statement that sets a context with exactly `n` flattened attributes: the role, the
 /// three `ctxpool.*` settings and each attribute, every value (attribute names included) a
@@ -237,89 +333,93 @@ pub(crate) const SYNC_ANY_TYPES: [Type; 7] = [
 ];
 
 impl Mapped {
+    /// The value at `index` (see [`ROLE`] and the others).
+    fn value(&self, index: usize) -> &str {
+        let start = index.checked_sub(1).map_or(0, |i| self.ends[i]);
+        self.text.get(start..self.ends[index]).unwrap_or_default()
+    }
+
+    /// Every value, in order: the four settings, then each attribute's name and value.
+    fn values(&self) -> impl Iterator<Item = &str> {
+        (0..self.ends.len()).map(|i| self.value(i))
+    }
+
     /// The mapping that undoes this one inside a transaction: no role (the session's
     /// own), every `ctxpool.*` setting and each of this context's attributes empty.
     pub(crate) fn cleared(&self) -> Self {
+        let mut values = Values::with_attributes(self.attribute_count(), 4);
+        values.push("none");
+        for _ in END_USER..FIRST_ATTRIBUTE {
+            values.end();
+        }
+        for i in 0..self.attribute_count() {
+            values.push(self.value(FIRST_ATTRIBUTE + 2 * i));
+            values.end();
+        }
         Self {
             context: self.context.clone(),
-            role: "none".to_owned(),
-            end_user: String::new(),
-            data_roles: String::new(),
-            attributes: String::new(),
-            names: self.names.clone(),
-            values: vec![String::new(); self.values.len()],
+            text: values.text,
+            ends: values.ends,
+            flat_binds: Default::default(),
         }
     }
 
     /// Whether this is a [`cleared`](Self::cleared) mapping.
     pub(crate) fn is_cleared(&self) -> bool {
-        self.role == "none" && self.end_user.is_empty()
+        self.value(ROLE) == "none" && self.value(END_USER).is_empty()
     }
 
     /// Whether two mappings set the same values.
     pub(crate) fn same_as(&self, other: &Self) -> bool {
-        self.role == other.role
-            && self.end_user == other.end_user
-            && self.data_roles == other.data_roles
-            && self.attributes == other.attributes
-            && self.names == other.names
-            && self.values == other.values
+        self.ends == other.ends && self.text == other.text
     }
 
     /// How many flattened attributes the context has.
     pub(crate) fn attribute_count(&self) -> usize {
-        self.names.len()
-    }
-
-    /// The values of [`sync_sql`] for this context's attribute count, `local` aside: the
-    /// four settings, then each attribute's name and value.
-    fn flat_values(&self) -> impl Iterator<Item = &String> {
-        [
-            &self.role,
-            &self.end_user,
-            &self.data_roles,
-            &self.attributes,
-        ]
-        .into_iter()
-        .chain(
-            self.names
-                .iter()
-                .zip(&self.values)
-                .flat_map(|(name, value)| [name, value]),
-        )
+        self.ends.len().saturating_sub(FIRST_ATTRIBUTE) / 2
     }
 
     /// The parameters of [`sync_sql`] in text format, for a statement the wire layer binds
-    /// itself (`local` last, as `true` or `false`).
+    /// itself: the four settings, then each attribute's name and value, and `local` last,
+    /// as `true` or `false`.
     pub(crate) fn flat_text_params(&self, local: bool) -> Vec<&str> {
-        self.flat_values()
-            .map(String::as_str)
+        self.values()
             .chain(std::iter::once(if local { "true" } else { "false" }))
             .collect()
     }
 
-    /// The parameters of [`SYNC_ANY_SQL`].
-    pub(crate) fn any_params(&self, local: &'static bool) -> [&(dyn ToSql + Sync); 7] {
-        [
-            &self.role,
-            &self.end_user,
-            &self.data_roles,
-            &self.attributes,
-            &self.names,
-            &self.values,
-            local,
-        ]
+    /// The Bind and Execute of the flat context statement of this attribute count
+    /// (prepared under [`FLAT_NAMES`]) with these values, `local` or session-wide; `None`
+    /// past [`MAX_FLAT`] attributes.
+    pub(crate) fn flat_bind(&self, local: bool) -> Option<&Statements> {
+        let name = FLAT_NAMES.get(self.attribute_count())?;
+        Some(self.flat_binds[usize::from(local)].get_or_init(|| {
+            let params = self.flat_text_params(local);
+            let size = 64 + params.iter().map(|p| 4 + p.len()).sum::<usize>();
+            let mut frames = Statements::with_capacity(size);
+            frames.push_bound(name, params.into_iter());
+            frames
+        }))
     }
 
-    /// [`any_params`](Self::any_params) with their types, for an unnamed statement.
-    pub(crate) fn typed_any_params(
-        &self,
-        local: &'static bool,
-    ) -> Vec<(&(dyn ToSql + Sync), Type)> {
-        self.any_params(local)
-            .into_iter()
-            .zip(SYNC_ANY_TYPES)
-            .collect()
+    /// The parameters of [`SYNC_ANY_SQL`].
+    pub(crate) fn any_params(&self, local: &'static bool) -> AnyParams<'_> {
+        let attribute = |offset: usize| {
+            (0..self.attribute_count())
+                .map(|i| self.value(FIRST_ATTRIBUTE + 2 * i + offset))
+                .collect()
+        };
+        AnyParams {
+            scalars: [
+                self.value(ROLE),
+                self.value(END_USER),
+                self.value(DATA_ROLES),
+                self.value(ATTRIBUTES),
+            ],
+            names: attribute(0),
+            values: attribute(1),
+            local,
+        }
     }
 }
 
@@ -333,21 +433,20 @@ pub(crate) fn map(
         .token_secret()
         .map(|t| decode_claims(t.expose_secret()))
         .transpose()?;
-    let end_user = match (identity.name(), &claims) {
-        (Some(name), _) => name.to_owned(),
+    // Borrowed, not copied: both go into the mapping's one buffer.
+    let end_user: &str = match (identity.name(), &claims) {
+        (Some(name), _) => name,
         (None, Some(claims)) => claims
             .get("sub")
             .and_then(serde_json::Value::as_str)
-            .ok_or_else(|| MappingError::ClaimMissing("sub".into()))?
-            .to_owned(),
+            .ok_or_else(|| MappingError::ClaimMissing("sub".into()))?,
         (None, None) => return Err(MappingError::TokenNotDecodable),
     };
-    let role = match &config.role {
-        RoleMapping::Fixed(role) => role.clone(),
+    let role: &str = match &config.role {
+        RoleMapping::Fixed(role) => role,
         RoleMapping::FirstDataRole => context
             .data_roles()
             .first()
-            .cloned()
             .ok_or(MappingError::NoDataRole)?,
         RoleMapping::TokenClaim(claim) => {
             let value = claims.as_ref().and_then(|c| c.get(claim.as_str()));
@@ -357,11 +456,10 @@ pub(crate) fn map(
                 _ => None,
             };
             role.ok_or_else(|| MappingError::ClaimMissing(claim.clone()))?
-                .to_owned()
         }
     };
-    if !config.allowed_roles.contains(&role) {
-        return Err(MappingError::RoleNotAllowed(role));
+    if !config.allowed_roles.contains(role) {
+        return Err(MappingError::RoleNotAllowed(role.to_owned()));
     }
     if let Some(r) = context
         .data_roles()
@@ -370,16 +468,30 @@ pub(crate) fn map(
     {
         return Err(MappingError::DataRoleNotAllowed(r.clone()));
     }
-    let (names, values) = context.attributes().flattened().unzip();
+    let attributes = context.attributes();
+    let mut values = Values::with_attributes(attributes.flattened_len(), 256);
+    values.push(role);
+    values.push(end_user);
+    values.push_json(context.data_roles());
+    values.push_json(attributes.as_json());
+    attributes.each_flattened(|key, attribute, value| {
+        values.text.push_str(key);
+        values.text.push('.');
+        values.text.push_str(attribute);
+        values.end();
+        match value {
+            serde_json::Value::String(s) => values.push(s),
+            serde_json::Value::Bool(true) => values.push("true"),
+            serde_json::Value::Bool(false) => values.push("false"),
+            // A number (null, arrays and objects are refused at validation).
+            other => values.push_json(other),
+        }
+    });
     Ok(Arc::new(Mapped {
         context: context.clone(),
-        role,
-        end_user,
-        // Serializing strings and validated JSON cannot fail.
-        data_roles: serde_json::to_string(context.data_roles()).unwrap_or_default(),
-        attributes: serde_json::to_string(context.attributes().as_json()).unwrap_or_default(),
-        names,
-        values,
+        text: values.text,
+        ends: values.ends,
+        flat_binds: Default::default(),
     }))
 }
 
@@ -427,12 +539,18 @@ mod tests {
             ),
         )
         .unwrap();
-        assert_eq!((m.role.as_str(), m.end_user.as_str()), ("hr_manager", "al"));
-        assert_eq!(m.data_roles, r#"["hr_manager","hr_employee"]"#);
         assert_eq!(
-            (m.names.as_slice(), m.values.as_slice()),
-            (&["hr.ctx.emp_id".to_owned()][..], &["3".to_owned()][..])
+            m.values().collect::<Vec<_>>(),
+            [
+                "hr_manager",
+                "al",
+                r#"["hr_manager","hr_employee"]"#,
+                r#"{"hr.ctx":{"emp_id":3}}"#,
+                "hr.ctx.emp_id",
+                "3"
+            ]
         );
+        assert_eq!(m.attribute_count(), 1);
         assert_eq!(
             map(
                 &config(RoleMapping::FirstDataRole),
@@ -444,13 +562,60 @@ mod tests {
     }
 
     #[test]
+    fn the_values_of_a_mapping_and_its_clearing() {
+        let context = SecurityContext::builder(EndUserIdentity::named("al", None), "db")
+            .data_roles(["hr_employee"])
+            .attributes(serde_json::json!({
+                "hr.ctx": {"emp_id": 3, "name": "Ça \"va\"", "boss": false},
+                "crm.ctx": {"region": "emea", "weight": 1.5}
+            }))
+            .build()
+            .unwrap();
+        let m = map(&config(RoleMapping::FirstDataRole), &context).unwrap();
+        let flat: Vec<(String, String)> = context.attributes().flattened().collect();
+        let expected: Vec<String> = [
+            "hr_employee".to_owned(),
+            "al".to_owned(),
+            serde_json::to_string(context.data_roles()).unwrap(),
+            serde_json::to_string(context.attributes().as_json()).unwrap(),
+        ]
+        .into_iter()
+        .chain(flat.iter().flat_map(|(n, v)| [n.clone(), v.clone()]))
+        .collect();
+        assert_eq!(m.values().collect::<Vec<_>>(), expected);
+        assert_eq!(m.attribute_count(), 5);
+        assert_eq!(m.flat_text_params(true).last(), Some(&"true"));
+        assert_eq!(m.flat_text_params(false).len(), 4 + 2 * 5 + 1);
+        let params = m.any_params(&true);
+        assert_eq!(
+            params.names,
+            flat.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            params.values,
+            flat.iter().map(|(_, v)| v.as_str()).collect::<Vec<_>>()
+        );
+        assert_eq!(params.scalars[1], "al");
+
+        let cleared = m.cleared();
+        assert!(cleared.is_cleared() && !m.is_cleared());
+        let mut want = vec!["none", "", "", ""];
+        for (name, _) in &flat {
+            want.extend([name.as_str(), ""]);
+        }
+        assert_eq!(cleared.values().collect::<Vec<_>>(), want);
+        assert!(m.same_as(&map(&config(RoleMapping::FirstDataRole), &context).unwrap()));
+        assert!(!m.same_as(&cleared));
+    }
+
+    #[test]
     fn fixed_role_and_the_allow_list() {
         let m = map(
             &config(RoleMapping::Fixed("hr_employee".into())),
             &ctx(EndUserIdentity::named("al", None), &[]),
         )
         .unwrap();
-        assert_eq!(m.role, "hr_employee");
+        assert_eq!(m.value(ROLE), "hr_employee");
         assert_eq!(
             map(
                 &config(RoleMapping::Fixed("postgres".into())),
@@ -483,16 +648,13 @@ mod tests {
             &ctx(identity.clone(), &[]),
         )
         .unwrap();
-        assert_eq!(
-            (m.role.as_str(), m.end_user.as_str()),
-            ("hr_employee", "erin")
-        );
+        assert_eq!((m.value(ROLE), m.value(END_USER)), ("hr_employee", "erin"));
         let m = map(
             &config(RoleMapping::TokenClaim("role".into())),
             &ctx(identity.clone(), &[]),
         )
         .unwrap();
-        assert_eq!(m.role, "hr_manager");
+        assert_eq!(m.value(ROLE), "hr_manager");
         assert_eq!(
             map(
                 &config(RoleMapping::TokenClaim("groups".into())),
