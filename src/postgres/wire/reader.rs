@@ -176,6 +176,14 @@ impl Reader {
                 let (n, head) = self.header.feed(input, true)?;
                 input = &input[n..];
                 if let Some(head) = head {
+                    // A control frame whose body is all here is handled where it lies,
+                    // not copied into `body` first: most replies arrive whole.
+                    if collected(head.tag) && head.body <= input.len().min(MAX_COLLECTED) {
+                        let (body, rest) = input.split_at(head.body);
+                        input = rest;
+                        self.on_frame(head, body, out, shared)?;
+                        continue;
+                    }
                     self.start(head, out);
                     if head.body == 0 {
                         self.finish(out, shared)?;
