@@ -154,9 +154,12 @@ impl PoolStatements {
     /// Prepares them, learning their names from the wire. `None` when a name could not be
     /// learnt (the statements are then sent unnamed).
     pub(crate) async fn prepare(client: &Client, wire: &WireHandle) -> Result<Option<Self>, Error> {
-        let flat = (0..=MAX_FLAT)
-            .map(|n| FlatStatement {
-                name: FLAT_NAMES.get(n).copied().unwrap_or_default(),
+        let flat = FLAT_NAMES
+            .iter()
+            .copied()
+            .enumerate()
+            .map(|(n, name)| FlatStatement {
+                name,
                 sql: mapping::sync_sql(n),
                 types: mapping::sync_types(n).iter().map(Type::oid).collect(),
             })

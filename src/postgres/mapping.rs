@@ -335,8 +335,12 @@ pub(crate) const SYNC_ANY_TYPES: [Type; 7] = [
 impl Mapped {
     /// The value at `index` (see [`ROLE`] and the others).
     fn value(&self, index: usize) -> &str {
-        let start = index.checked_sub(1).map_or(0, |i| self.ends[i]);
-        self.text.get(start..self.ends[index]).unwrap_or_default()
+        let start = index
+            .checked_sub(1)
+            .and_then(|i| self.ends.get(i).copied())
+            .unwrap_or(0);
+        let end = self.ends.get(index).copied().unwrap_or(start);
+        self.text.get(start..end).unwrap_or_default()
     }
 
     /// Every value, in order: the four settings, then each attribute's name and value.
@@ -347,7 +351,7 @@ impl Mapped {
     /// The mapping that undoes this one inside a transaction: no role (the session's
     /// own), every `ctxpool.*` setting and each of this context's attributes empty.
     pub(crate) fn cleared(&self) -> Self {
-        let mut values = Values::with_attributes(self.attribute_count(), 4);
+        let mut values = Values::with_attributes(self.attribute_count(), self.text.len());
         values.push("none");
         for _ in END_USER..FIRST_ATTRIBUTE {
             values.end();
