@@ -91,10 +91,7 @@ fn process_cpu_ns() -> u64 {
         return 0;
     };
     tasks
-        .filter_map(|task| {
-            let stat = std::fs::read_to_string(task.ok()?.path().join("schedstat")).ok()?;
-            stat.split_whitespace().next()?.parse::<u64>().ok()
-        })
+        .filter_map(|task| Some(cpu_ns(task.ok()?.path().join("schedstat"))))
         .sum()
 }
 

@@ -74,15 +74,6 @@ use support::*;
 use tokio::runtime::Runtime;
 use tokio_postgres::types::Type;
 
-/// CPU time a thread or process has run, in nanoseconds (the first field of Linux's
-/// `schedstat`); 0 where it cannot be read.
-fn cpu_ns(schedstat: &str) -> u64 {
-    std::fs::read_to_string(schedstat)
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
 /// A variant of a group with where its time went: the bench thread's CPU
 /// time (the client: every variant runs on this one thread) and its server backend's,
 /// summed over every timed batch.

@@ -109,6 +109,16 @@ impl ContextSettings {
     }
 }
 
+/// CPU time a thread or process has run, in nanoseconds (the first field of Linux's
+/// `schedstat` at this path); 0 where it cannot be read.
+#[allow(dead_code)] // piggyback and contention only
+pub fn cpu_ns(schedstat: impl AsRef<std::path::Path>) -> u64 {
+    std::fs::read_to_string(schedstat)
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
 /// The first column (`name`) of each row.
 pub fn names(rows: &[tokio_postgres::Row]) -> Vec<String> {
     rows.iter().map(|r| r.get::<_, String>(0)).collect()
